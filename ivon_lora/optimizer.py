@@ -120,6 +120,7 @@ class IVON(Optimizer):
         self._process_group: dist.ProcessGroup | None = None
         self._sync_across_ranks = False
         self._samples_in_step = 0
+        self._prediction_draws = 0
         self._sampling = False
         self._generators: dict[torch.device, torch.Generator] = {}
 
@@ -191,14 +192,19 @@ class IVON(Optimizer):
             self._generators[device] = torch.Generator(device=device)
         return self._generators[device]
 
-    def _standard_normal(self, params: list[Tensor]) -> list[Tensor]:
+    def _standard_normal(self, params: list[Tensor], train: bool = True) -> list[Tensor]:
         """Draw ε ~ N(0, 1) for each tensor, from generators re-seeded with (seed, rank, step, sample).
 
-        The stream is a pure function of those counters, so a resumed run continues bit-identically and
-        each data-parallel rank draws its own noise even though only rank 0 writes checkpoints.
+        The training stream is a pure function of those counters, so a resumed run continues bit-identically
+        and each data-parallel rank draws its own noise even though only rank 0 writes checkpoints. Draws for
+        prediction use their own counter and never shift the training stream.
         """
         step = self.param_groups[0]["step"] if self.param_groups else 0
-        sample_seed = _mix_seed(self.seed, self._rank, step, self._samples_in_step)
+        if train:
+            sample_seed = _mix_seed(self.seed, self._rank, step, self._samples_in_step)
+        else:
+            self._prediction_draws += 1
+            sample_seed = _mix_seed(self.seed, self._rank, step, 1 << 40, self._prediction_draws)
         seeded: set[torch.device] = set()
         noise = []
         for p in params:
@@ -220,7 +226,7 @@ class IVON(Optimizer):
         if self._sampling:
             raise RuntimeError("IVON.sampled_params() cannot be nested.")
         entries = [(group, p, self._param_state(group, p)) for group, p in self._trainable()]
-        backups = self._draw_sample(entries)
+        backups = self._draw_sample(entries, train)
         self._sampling = True
         if train:
             for _, p, _ in entries:
@@ -234,11 +240,11 @@ class IVON(Optimizer):
             self._sampling = False
 
     @torch.no_grad()
-    def _draw_sample(self, entries: list[tuple[dict[str, Any], Tensor, dict[str, Any]]]) -> list[Tensor | None]:
+    def _draw_sample(self, entries: list[tuple[dict[str, Any], Tensor, dict[str, Any]]], train: bool) -> list[Tensor | None]:
         """Write θ = m + σ·ε into the parameters; return fp32 backups of the means that live in the parameter."""
         if not entries:
             return []
-        noise = self._standard_normal([p for _, p, _ in entries])
+        noise = self._standard_normal([p for _, p, _ in entries], train)
         for group, indices in _by_group(entries):
             group_noise = [noise[i] for i in indices]
             scale = torch._foreach_add([entries[i][2]["hess"] for i in indices], group["weight_decay"])

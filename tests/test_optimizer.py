@@ -32,7 +32,7 @@ class InjectedNoiseIVON(IVON):
         super().__init__(*args, **kwargs)
         self.noise_queue = noise_queue
 
-    def _standard_normal(self, params):
+    def _standard_normal(self, params, train=True):
         per_group = self.noise_queue.pop(0)
         noise = []
         for group, flat in zip(self.param_groups, per_group):
