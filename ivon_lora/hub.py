@@ -22,6 +22,14 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, ModelCard, co
 from huggingface_hub.errors import HFValidationError
 from safetensors import safe_open
 
+from ivon_lora.serialization import (
+    ADAPTER_CONFIG_FILE,
+    MEAN_FILE,
+    VARIANCE_FILE,
+    VARIATIONAL_CONFIG_FILE,
+    VariationalAdapterError,
+)
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -36,10 +44,6 @@ __all__ = [
     "resolve_adapter_folder",
 ]
 
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-MEAN_FILE = "adapter_model.safetensors"
-VARIANCE_FILE = "adapter_variance.safetensors"
-VARIATIONAL_CONFIG_FILE = "variational_config.json"
 EVAL_RESULTS_FILE = "eval_results.json"
 MODEL_CARD_FILE = "README.md"
 # The Hub tag that marks a card as describing a variational adapter (PEFT's generic card lacks it).
@@ -97,14 +101,14 @@ def _check_pushable(folder: Path) -> None:
     if not (folder / ADAPTER_CONFIG_FILE).is_file() and not (folder / MEAN_FILE).is_file():
         named = _named_adapter_subfolders(folder)
         if named:
-            raise ValueError(
+            raise VariationalAdapterError(
                 f"{folder} holds named adapters in the subfolders {named}, not one adapter: push each with "
                 f"push_adapter_folder({str(folder / named[0])!r}, repo_id, path_in_repo={named[0]!r})."
             )
     if not (folder / MEAN_FILE).is_file() or not (folder / VARIANCE_FILE).is_file():
-        raise ValueError(f"Refusing to push: {_missing_adapter_message(folder, str(folder))}")
+        raise VariationalAdapterError(f"Refusing to push: {_missing_adapter_message(folder, str(folder))}")
     if not (folder / ADAPTER_CONFIG_FILE).is_file():
-        raise ValueError(
+        raise VariationalAdapterError(
             f"Refusing to push {folder}: {ADAPTER_CONFIG_FILE} is missing, so PeftModel.from_pretrained could not "
             "load the adapter. Save it with save_pretrained, which writes the LoRA config next to the weights."
         )
@@ -118,14 +122,14 @@ def _check_pushable(folder: Path) -> None:
             details.append(f"keys without a variance: {_preview(only_mean)}")
         if only_variance:
             details.append(f"variances without a mean: {_preview(only_variance)}")
-        raise ValueError(
+        raise VariationalAdapterError(
             f"Refusing to push {folder}: {MEAN_FILE} and {VARIANCE_FILE} do not hold the same tensors "
             f"({'; '.join(details)}). They come from different saves; save the posterior again."
         )
     mismatched = {key for key, shape in mean_shapes.items() if variance_shapes[key] != shape}
     if mismatched:
         key = sorted(mismatched)[0]
-        raise ValueError(
+        raise VariationalAdapterError(
             f"Refusing to push {folder}: {len(mismatched)} tensors have different shapes in {MEAN_FILE} and "
             f"{VARIANCE_FILE}, e.g. {key}: {mean_shapes[key]} vs {variance_shapes[key]}. Save the posterior again."
         )
@@ -175,7 +179,7 @@ def push_adapter_folder(
     _check_pushable(folder)
     card_path = folder / MODEL_CARD_FILE
     if not card_path.is_file():
-        raise ValueError(
+        raise VariationalAdapterError(
             f"Refusing to push {folder}: it has no {MODEL_CARD_FILE}. Write the card first with "
             f"ivon_lora.model_card.write_model_card({str(folder)!r}, base_model=..., repo_id={repo_id!r})."
         )
@@ -235,7 +239,7 @@ def resolve_adapter_folder(
                 " HF_HUB_OFFLINE is set, so only the local cache was searched: if the repository does hold a "
                 "variational adapter, download it once with network access."
             )
-        raise ValueError(message)
+        raise VariationalAdapterError(message)
     return folder
 
 
@@ -259,7 +263,7 @@ def _download(
             allow_patterns=[prefix + name for name in _DOWNLOAD_FILES],
         )
     except HFValidationError as error:
-        raise ValueError(
+        raise VariationalAdapterError(
             f"{repo_id!r} is neither an existing local folder nor a valid Hub repository id ('user/name'): "
             "check the path."
         ) from error
