@@ -31,19 +31,37 @@ from ivon_lora.training_args import IVONArgumentsMixin
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VariationalTrainer", "VariationalSFTTrainer", "VariationalTrainerMixin"]
+__all__ = ["CustomLossTrainer", "VariationalTrainer", "VariationalSFTTrainer", "VariationalTrainerMixin"]
 
 LossFn = Callable[[nn.Module, dict[str, Any]], Tensor]
 
 
-class VariationalTrainerMixin:
+class LossFnMixin:
+    """Lets a Trainer take ``loss_fn(model, inputs) -> mean loss`` for objectives that need their own forward
+    (e.g. multiple-choice scoring), instead of the model's built-in loss."""
+
+    def __init__(self, *args: Any, loss_fn: LossFn | None = None, **kwargs: Any) -> None:
+        self.loss_fn = loss_fn
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
+        if self.loss_fn is None:
+            return super().compute_loss(  # type: ignore[misc]
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        loss = self.loss_fn(model, inputs)
+        return (loss, None) if return_outputs else loss
+
+
+class VariationalTrainerMixin(LossFnMixin):
     """The IVON behaviour shared by both trainers; put it before the Trainer class in the bases."""
 
     args: IVONArgumentsMixin
     model: nn.Module
     optimizer: Any
 
-    def _init_variational(self, loss_fn: LossFn | None) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
         if not isinstance(self.args, IVONArgumentsMixin):
             raise TypeError(
                 f"{type(self).__name__} needs VariationalTrainingArguments (or VariationalSFTConfig), "
@@ -56,7 +74,6 @@ class VariationalTrainerMixin:
             raise NotImplementedError(
                 f"{self.accelerator.distributed_type} is not supported by IVON-LoRA yet; use DDP (multi-GPU/CPU)."  # type: ignore[attr-defined]
             )
-        self.loss_fn = loss_fn
         self._sample_grad_norms: list[Tensor] = []
 
     # ------------------------------------------------------------------ optimizer
@@ -121,12 +138,6 @@ class VariationalTrainerMixin:
         return VariationalLoraPosterior.from_optimizer(model, self.ivon, adapter_name=name, config=self.variational_config())
 
     # ------------------------------------------------------------------ training
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # type: ignore[override]
-        if self.loss_fn is None:
-            return super().compute_loss(model, inputs, return_outputs=return_outputs)  # type: ignore[misc]
-        loss = self.loss_fn(model, inputs)
-        return (loss, None) if return_outputs else loss
-
     def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> Tensor:
         """One micro-batch = ``mc_samples`` posterior samples, each recorded by IVON.
 
@@ -209,18 +220,14 @@ class VariationalTrainer(VariationalTrainerMixin, Trainer):
     """A ``transformers.Trainer`` that learns a Gaussian posterior over LoRA weights with IVON.
 
     Use it exactly like ``Trainer`` with a PEFT model and :class:`VariationalTrainingArguments`. ``loss_fn``
-    (optional) replaces the model's own loss for objectives that need their own forward, e.g. multiple-choice
-    scoring: it is called as ``loss_fn(model, inputs)`` and must return the micro-batch's mean loss.
+    (optional keyword) replaces the model's own loss for objectives that need their own forward, e.g.
+    multiple-choice scoring: it is called as ``loss_fn(model, inputs)`` and must return the micro-batch's mean loss.
     """
-
-    def __init__(self, *args: Any, loss_fn: LossFn | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_variational(loss_fn)
 
 
 class VariationalSFTTrainer(VariationalTrainerMixin, SFTTrainer):
     """TRL's ``SFTTrainer`` with IVON: pass a :class:`VariationalSFTConfig` and a PEFT model or ``peft_config``."""
 
-    def __init__(self, *args: Any, loss_fn: LossFn | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._init_variational(loss_fn)
+
+class CustomLossTrainer(LossFnMixin, Trainer):
+    """A plain ``Trainer`` (AdamW by default) accepting the same ``loss_fn``: the non-variational baseline."""
