@@ -26,12 +26,13 @@ from ivon_lora.evaluation.data import load_task_splits
 from ivon_lora.evaluation.predict import Predictions, predict_multiple_choice
 from ivon_lora.evaluation.scoring import MultipleChoiceScorer
 from ivon_lora.models import DEFAULT_MODEL, load_base_model
+from ivon_lora.posterior import VariationalLoraPosterior
 from ivon_lora.trainer import CustomLossTrainer, VariationalTrainer
 from ivon_lora.training_args import VariationalTrainingArguments
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CommonsenseConfig", "run_commonsense"]
+__all__ = ["CommonsenseConfig", "evaluate_modes", "evaluation_results", "run_commonsense", "write_evaluation"]
 
 EVAL_RESULTS_FILE = "eval_results.json"
 
@@ -161,62 +162,89 @@ def run_commonsense(config: CommonsenseConfig) -> dict[str, Any]:
         trainer.accelerator.wait_for_everyone()
         return {}
 
-    predictions: dict[str, Predictions] = {}
-    if config.optimizer == "adamw":
-        predictions["adamw"] = predict_multiple_choice(model, scorer, evaluation, batch_size=config.eval_batch_size)
-    else:
-        posterior = trainer.posterior()
-        predictions["ivon_mean"] = predict_multiple_choice(model, scorer, evaluation, batch_size=config.eval_batch_size)
-        if config.eval_samples:
-            predictions[f"ivon_avg_k{config.eval_samples}"] = predict_multiple_choice(
-                model,
-                scorer,
-                evaluation,
-                posterior=posterior,
-                num_samples=config.eval_samples,
-                batch_size=config.eval_batch_size,
-                max_rows=config.eval_max_rows,
-                seed=config.seed,
-            )
-    results = {config.task: {name: p.metrics for name, p in predictions.items()}}
-    results[config.task]["scoring_mode"] = scorer.mode
-    results[config.task]["split"] = "eval"
+    predictions = evaluate_modes(
+        model,
+        scorer,
+        evaluation,
+        posterior=trainer.posterior() if config.optimizer == "ivon" else None,
+        eval_samples=config.eval_samples,
+        batch_size=config.eval_batch_size,
+        max_rows=config.eval_max_rows,
+        seed=config.seed,
+    )
+    results = evaluation_results(config.task, predictions)
     _write_outputs(config, trainer, predictions, results, time.time() - started)
     trainer.accelerator.wait_for_everyone()
     return results
 
 
-def _write_outputs(
-    config: CommonsenseConfig, trainer: Any, predictions: dict[str, Predictions], results: dict[str, Any], seconds: float
-) -> None:
+def evaluate_modes(
+    model: Any,
+    scorer: MultipleChoiceScorer,
+    dataset: Any,
+    *,
+    posterior: VariationalLoraPosterior | None,
+    eval_samples: int,
+    batch_size: int = 8,
+    max_rows: int | None = None,
+    seed: int = 0,
+) -> dict[str, Predictions]:
+    """Predictions per reporting mode: ``adamw`` without a posterior; ``ivon_mean`` and ``ivon_avg_k{K}`` with one."""
+    if posterior is None:
+        return {"adamw": predict_multiple_choice(model, scorer, dataset, batch_size=batch_size)}
+    predictions = {"ivon_mean": predict_multiple_choice(model, scorer, dataset, batch_size=batch_size)}
+    if eval_samples:
+        predictions[f"ivon_avg_k{eval_samples}"] = predict_multiple_choice(
+            model, scorer, dataset, posterior=posterior, num_samples=eval_samples, batch_size=batch_size,
+            max_rows=max_rows, seed=seed,
+        )
+    return predictions
+
+
+def evaluation_results(task: str, predictions: dict[str, Predictions]) -> dict[str, Any]:
+    """The ``eval_results.json`` layout: ``{task: {mode: metrics, "scoring_mode": ..., "split": "eval"}}``."""
+    entry: dict[str, Any] = {name: p.metrics for name, p in predictions.items()}
+    entry["scoring_mode"] = next(iter(predictions.values())).scoring_mode
+    entry["split"] = "eval"
+    return {task: entry}
+
+
+def write_evaluation(output_dir: Path, task: str, predictions: dict[str, Predictions], results: dict[str, Any]) -> None:
+    """``eval_results.json``, ``predictions.npz`` and ``reliability.png`` into ``output_dir``."""
     from ivon_lora.evaluation.plots import plot_reliability_diagrams
 
-    output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    adapter_dir = output_dir / "adapter"
-    trainer.save_model(str(adapter_dir))  # VariationalTrainer adds adapter_variance.safetensors
-    for folder in (output_dir, adapter_dir):
-        (folder / EVAL_RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
-    (output_dir / "config.yaml").write_text(yaml.safe_dump({**dataclasses.asdict(config), "wall_time_s": round(seconds, 1)}))
-    np.savez(output_dir / "predictions.npz", **{f"{k}_probs": p.probs for k, p in predictions.items()},
-             **{f"{k}_labels": p.labels for k, p in predictions.items()})
+    (output_dir / EVAL_RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    arrays = {f"{name}_{kind}": getattr(p, kind) for name, p in predictions.items() for kind in ("probs", "labels")}
+    np.savez(output_dir / "predictions.npz", **arrays)
     plot_reliability_diagrams(
         {name: (p.probs, p.labels) for name, p in predictions.items()},
         output_dir / "reliability.png",
-        title=f"{config.task} ({next(iter(predictions.values())).scoring_mode} scoring)",
+        title=f"{task} ({next(iter(predictions.values())).scoring_mode} scoring)",
     )
-    if config.optimizer == "ivon":
-        _write_card(adapter_dir, config)
     for name, p in predictions.items():
         m = p.metrics
         logger.info("%-14s acc %.1f  ece %.1f  nll %.3f  brier %.3f  (n=%d)", name, m["acc"], m["ece"], m["nll"],
                     m["brier"], m["n"])
 
 
-def _write_card(adapter_dir: Path, config: CommonsenseConfig) -> None:
+def _write_outputs(
+    config: CommonsenseConfig, trainer: Any, predictions: dict[str, Predictions], results: dict[str, Any], seconds: float
+) -> None:
+    output_dir = Path(config.output_dir)
+    adapter_dir = output_dir / "adapter"
+    trainer.save_model(str(adapter_dir))  # VariationalTrainer adds adapter_variance.safetensors
+    write_evaluation(output_dir, config.task, predictions, results)
+    (adapter_dir / EVAL_RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    (output_dir / "config.yaml").write_text(yaml.safe_dump({**dataclasses.asdict(config), "wall_time_s": round(seconds, 1)}))
+    if config.optimizer == "ivon":
+        _write_card(adapter_dir, config.model_name_or_path)
+
+
+def _write_card(adapter_dir: Path, base_model: str) -> None:
     from ivon_lora.model_card import write_model_card
 
     try:
-        write_model_card(adapter_dir, base_model=config.model_name_or_path, datasets=None)
+        write_model_card(adapter_dir, base_model=base_model)
     except ValueError as error:  # e.g. a local base model path, which Hub cards cannot reference
         logger.warning("No model card written: %s", error)
