@@ -3,6 +3,7 @@
     ivon-lora train    [recipe flags]                      train + evaluate + save (recipes/llama_commonsense.py)
     ivon-lora evaluate ADAPTER --task arc_easy [-k 10]      evaluate a saved variational adapter
     ivon-lora push     ADAPTER USER/REPO [--private]        upload mean + variance + card in one Hub commit
+    ivon-lora compare  [--tasks ...] [--seeds ...]          IVON vs AdamW study, resumable
 
 Exit codes: 0 success; 2 invalid input (bad flags, malformed adapter folder, unknown task); 1 any other failure.
 """
@@ -25,6 +26,13 @@ def _train(argv: list[str]) -> None:
     from ivon_lora.commonsense import CommonsenseConfig, run_commonsense
 
     run_commonsense(parse_config(CommonsenseConfig, argv, description="Train, evaluate and save one adapter."))
+
+
+def _compare(argv: list[str]) -> None:
+    from ivon_lora.cli_utils import parse_config
+    from ivon_lora.study import StudyConfig, run_study
+
+    run_study(parse_config(StudyConfig, argv, description="IVON vs AdamW over tasks x seeds (resumable)."))
 
 
 def _evaluate(argv: list[str]) -> None:
@@ -93,6 +101,7 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "train": (_train, "train, evaluate and save an adapter (the recipe's flags; --help for them)"),
     "evaluate": (_evaluate, "evaluate a saved variational adapter at the mean and K-sample average"),
     "push": (_push, "push an adapter with its variances and a model card to the Hub in one commit"),
+    "compare": (_compare, "IVON vs AdamW study over tasks x seeds (eval/compare_optimizers.py)"),
 }
 
 

@@ -1,0 +1,185 @@
+"""IVON vs AdamW under identical conditions, over tasks × seeds: the study behind ``eval/compare_optimizers.py``.
+
+For every (task, seed) it trains the same LoRA twice — IVON and AdamW, same model, data, steps, schedule and
+LoRA config — and evaluates AdamW, IVON at the mean and IVON posterior-averaged. Every run writes its own folder
+(``runs/<task>/seed<seed>/<optimizer>``); a run whose ``eval_results.json`` exists is skipped, so an interrupted
+study resumes where it stopped. The summary is ``results.json``, ``results.md`` (mean ± std over seeds) and
+plots (reliability diagrams pooled over seeds, ECE/ACC bars).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ivon_lora.commonsense import EVAL_RESULTS_FILE, CommonsenseConfig, run_commonsense
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["StudyConfig", "run_study", "summarize_study"]
+
+METRICS = ("acc", "ece", "nll", "brier")
+PAPER_TASKS = ["arc_challenge", "arc_easy", "openbookqa", "boolq", "winogrande_s", "winogrande_m"]
+
+
+@dataclass
+class StudyConfig:
+    """The grid and the shared training setup; every field is a flag of ``eval/compare_optimizers.py``."""
+
+    tasks: list[str] = field(default_factory=lambda: list(PAPER_TASKS), metadata={"help": "Tasks to run."})
+    seeds: list[int] = field(default_factory=lambda: [21, 42, 87], metadata={"help": "Seeds (papers: 21 42 87)."})
+    output_dir: str = field(default="outputs/study", metadata={"help": "Study folder (runs/ inside; resumable)."})
+    ivon_learning_rate: float = field(default=0.1, metadata={"help": "IVON lr (tuned on validation; see README)."})
+    adamw_learning_rate: float = field(default=1e-4, metadata={"help": "AdamW lr (tuned on validation; see README)."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Base model (default: the recipe's)."})
+    max_steps: int = field(default=40, metadata={"help": "Optimizer steps per run."})
+    max_train: int | None = field(default=None, metadata={"help": "Training questions per task (None: all)."})
+    max_eval: int | None = field(default=100, metadata={"help": "Evaluation questions per task (None: all)."})
+    max_length: int = field(default=320, metadata={"help": "Longest prompt in tokens."})
+    eval_samples: int = field(default=4, metadata={"help": "K for the posterior-averaged evaluation."})
+    ess: float | None = field(default=None, metadata={"help": "IVON ess (default: the paper's per-task value)."})
+    scoring_mode: str = field(default="auto", metadata={"help": "letter, cloze or auto."})
+    load_in_4bit: bool = field(default=True, metadata={"help": "4-bit NF4 base."})
+    data_source: str = field(default="auto", metadata={"help": "hub, offline or auto."})
+
+    def run_config(self, task: str, seed: int, optimizer: str) -> CommonsenseConfig:
+        overrides: dict[str, Any] = dict(
+            task=task, seed=seed, optimizer=optimizer, max_steps=self.max_steps, max_train=self.max_train,
+            max_eval=self.max_eval, max_length=self.max_length, eval_samples=self.eval_samples, ess=self.ess,
+            scoring_mode=self.scoring_mode, load_in_4bit=self.load_in_4bit, data_source=self.data_source,
+            learning_rate=self.ivon_learning_rate if optimizer == "ivon" else self.adamw_learning_rate,
+            output_dir=str(Path(self.output_dir) / "runs" / task / f"seed{seed}" / optimizer),
+        )
+        if self.model_name_or_path:
+            overrides["model_name_or_path"] = self.model_name_or_path
+        return CommonsenseConfig(**overrides)
+
+
+def run_study(config: StudyConfig) -> dict[str, Any]:
+    """Run every missing (task, seed, optimizer) and write the summary; returns ``summarize_study``'s result."""
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "study_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    grid = [(t, s, o) for t in config.tasks for s in config.seeds for o in ("adamw", "ivon")]
+    for index, (task, seed, optimizer) in enumerate(grid, 1):
+        run = config.run_config(task, seed, optimizer)
+        if (Path(run.output_dir) / EVAL_RESULTS_FILE).is_file():
+            logger.info("[%d/%d] %s seed %d %s: done already, skipped", index, len(grid), task, seed, optimizer)
+            continue
+        logger.info("[%d/%d] %s seed %d %s: running", index, len(grid), task, seed, optimizer)
+        started = time.time()
+        run_commonsense(run)
+        gc.collect()
+        logger.info("[%d/%d] finished in %.0f s", index, len(grid), time.time() - started)
+    return summarize_study(config)
+
+
+def _load_runs(config: StudyConfig) -> dict[str, dict[str, list[dict[str, float]]]]:
+    """{task: {mode: [metrics per seed]}} from the finished runs."""
+    table: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for task in config.tasks:
+        for seed in config.seeds:
+            for optimizer in ("adamw", "ivon"):
+                path = Path(config.run_config(task, seed, optimizer).output_dir) / EVAL_RESULTS_FILE
+                if not path.is_file():
+                    continue
+                for mode, metrics in json.loads(path.read_text())[task].items():
+                    if isinstance(metrics, dict):
+                        table.setdefault(task, {}).setdefault(mode, []).append(metrics)
+    return table
+
+
+def summarize_study(config: StudyConfig) -> dict[str, Any]:
+    """Aggregate finished runs into ``results.json``, ``results.md`` and the plots (partial grids are fine)."""
+    output = Path(config.output_dir)
+    table = _load_runs(config)
+    summary = {
+        task: {
+            mode: {
+                **{f"{m}_mean": float(np.mean([r[m] for r in runs])) for m in METRICS},
+                **{f"{m}_std": float(np.std([r[m] for r in runs])) for m in METRICS},
+                "seeds": len(runs),
+                "n": int(runs[0]["n"]),
+            }
+            for mode, runs in modes.items()
+        }
+        for task, modes in table.items()
+    }
+    (output / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (output / "results.md").write_text(results_markdown(summary))
+    if summary:
+        _plot_bars(summary, output / "ece_acc.png")
+        _plot_pooled_reliability(config, output)
+    return summary
+
+
+def results_markdown(summary: dict[str, Any]) -> str:
+    """Mean ± std over seeds per task and mode, with the IVON − AdamW difference of the averaged posterior."""
+    lines = ["| task | method | seeds | ACC ↑ | ECE ↓ | NLL ↓ | Brier ↓ |", "|---|---|---|---|---|---|---|"]
+    for task, modes in summary.items():
+        for mode in sorted(modes, key=_mode_order):
+            row = modes[mode]
+            cells = [f"{row[f'{m}_mean']:.{1 if m in ('acc', 'ece') else 3}f} ± {row[f'{m}_std']:.{1 if m in ('acc', 'ece') else 3}f}" for m in METRICS]
+            lines.append(f"| {task} | {mode} | {row['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _mode_order(mode: str) -> tuple[int, str]:
+    return ({"adamw": 0, "ivon_mean": 1}.get(mode, 2), mode)
+
+
+def _plot_bars(summary: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(summary)
+    modes = sorted({m for t in summary.values() for m in t}, key=_mode_order)
+    figure, axes = plt.subplots(1, 2, figsize=(5 + 1.6 * len(tasks), 4.2))
+    width = 0.8 / len(modes)
+    for ax, metric, label in zip(axes, ("acc", "ece"), ("accuracy (%) ↑", "ECE (%) ↓")):
+        for i, mode in enumerate(modes):
+            xs = [j + (i - (len(modes) - 1) / 2) * width for j in range(len(tasks))]
+            means = [summary[t].get(mode, {}).get(f"{metric}_mean", np.nan) for t in tasks]
+            stds = [summary[t].get(mode, {}).get(f"{metric}_std", 0.0) for t in tasks]
+            ax.bar(xs, means, width, yerr=stds, capsize=3, label=mode)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=20)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle("IVON vs AdamW (mean ± std over seeds)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _plot_pooled_reliability(config: StudyConfig, output: Path) -> None:
+    """One reliability figure per task, predictions pooled over seeds, one panel per mode."""
+    from ivon_lora.evaluation.plots import plot_reliability_diagrams
+
+    for task in config.tasks:
+        pooled: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        for seed in config.seeds:
+            for optimizer in ("adamw", "ivon"):
+                path = Path(config.run_config(task, seed, optimizer).output_dir) / "predictions.npz"
+                if not path.is_file():
+                    continue
+                arrays = np.load(path)
+                for key in arrays.files:
+                    if key.endswith("_probs"):
+                        mode = key[: -len("_probs")]
+                        probs, labels = pooled.setdefault(mode, ([], []))
+                        probs.append(arrays[key])
+                        labels.append(arrays[f"{mode}_labels"])
+        if pooled:
+            ordered = {m: (np.concatenate(pooled[m][0]), np.concatenate(pooled[m][1])) for m in sorted(pooled, key=_mode_order)}
+            plot_reliability_diagrams(ordered, output / f"reliability_{task}.png", title=f"{task}: pooled over seeds")

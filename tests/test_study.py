@@ -1,0 +1,68 @@
+"""The IVON-vs-AdamW study: grid orchestration, resumability and the mean ± std summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import ivon_lora.study as study
+from ivon_lora.commonsense import EVAL_RESULTS_FILE
+from ivon_lora.study import StudyConfig, results_markdown, run_study
+
+
+def fake_run(calls):
+    """Stands in for training: writes what run_commonsense writes, with metrics derived from the seed."""
+
+    def run(config):
+        calls.append((config.task, config.seed, config.optimizer, config.learning_rate))
+        out = Path(config.output_dir)
+        out.mkdir(parents=True)
+        modes = ["adamw"] if config.optimizer == "adamw" else ["ivon_mean", f"ivon_avg_k{config.eval_samples}"]
+        results = {config.task: {m: {"acc": 50.0 + config.seed % 7 + i, "ece": 10.0 - i, "nll": 1.0, "brier": 0.5,
+                                     "n": 4} for i, m in enumerate(modes)}}
+        results[config.task]["scoring_mode"] = "cloze"
+        (out / EVAL_RESULTS_FILE).write_text(json.dumps(results))
+        probs = np.array([[0.7, 0.3], [0.4, 0.6], [0.9, 0.1], [0.2, 0.8]])
+        np.savez(out / "predictions.npz", **{f"{m}_probs": probs for m in modes},
+                 **{f"{m}_labels": np.array([0, 1, 1, 1]) for m in modes})
+        return results
+
+    return run
+
+
+def test_grid_resume_and_summary(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(study, "run_commonsense", fake_run(calls))
+    config = StudyConfig(tasks=["arc_easy", "winogrande_s"], seeds=[21, 42], output_dir=str(tmp_path), eval_samples=3)
+    summary = run_study(config)
+    assert len(calls) == 8
+    assert {(c[2], c[3]) for c in calls} == {("adamw", 1e-4), ("ivon", 0.1)}
+
+    accs = [50.0 + 21 % 7, 50.0 + 42 % 7]
+    row = summary["arc_easy"]["ivon_avg_k3"]
+    assert row["seeds"] == 2
+    assert row["acc_mean"] == pytest.approx(np.mean(accs) + 1) and row["acc_std"] == pytest.approx(np.std(accs))
+    assert summary["winogrande_s"]["adamw"]["ece_mean"] == pytest.approx(10.0)
+    table = (tmp_path / "results.md").read_text()
+    assert "| arc_easy | adamw | 2 |" in table and "± " in table
+    assert (tmp_path / "ece_acc.png").is_file() and (tmp_path / "reliability_arc_easy.png").is_file()
+
+    calls.clear()
+    run_study(config)  # everything finished: nothing re-runs
+    assert calls == []
+    (Path(config.run_config("arc_easy", 42, "ivon").output_dir) / EVAL_RESULTS_FILE).unlink()
+    import shutil
+
+    shutil.rmtree(config.run_config("arc_easy", 42, "ivon").output_dir)
+    run_study(config)
+    assert calls == [("arc_easy", 42, "ivon", 0.1)]
+
+
+def test_markdown_orders_modes():
+    summary = {"t": {"ivon_avg_k4": {**{f"{m}_{s}": 1.0 for m in study.METRICS for s in ("mean", "std")}, "seeds": 3, "n": 5},
+                     "adamw": {**{f"{m}_{s}": 2.0 for m in study.METRICS for s in ("mean", "std")}, "seeds": 3, "n": 5}}}
+    lines = results_markdown(summary).splitlines()
+    assert lines[2].startswith("| t | adamw |") and lines[3].startswith("| t | ivon_avg_k4 |")
