@@ -17,10 +17,10 @@ from ivon_lora.cli_utils import parse_config
 from ivon_lora.commonsense import CommonsenseConfig, run_commonsense
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     config = parse_config(CommonsenseConfig, sys.argv[1:] if argv is None else argv, description=__doc__)
-    run_commonsense(config)
+    return run_commonsense(config)
 
 
 if __name__ == "__main__":
