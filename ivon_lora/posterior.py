@@ -21,6 +21,7 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from torch import Tensor, nn
 
+from ivon_lora import pruning
 from ivon_lora.optimizer import IVON
 from ivon_lora.serialization import (
     VariationalAdapterError,
@@ -51,6 +52,7 @@ class VariationalLoraPosterior:
         weight_decay: prior precision δ the variances were computed with (recorded).
         config: how the posterior was trained (``variational_config.json``).
         metadata: extra string metadata stored with the variances (e.g. pruning records).
+        pruning_masks: True where an entry is pruned (its mean is 0); samples keep these entries exactly 0.
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class VariationalLoraPosterior:
         weight_decay: float = 0.0,
         config: Mapping[str, Any] | None = None,
         metadata: Mapping[str, str] | None = None,
+        pruning_masks: Mapping[str, Tensor] | None = None,
     ) -> None:
         self.model = model
         self.adapter_name = adapter_name
@@ -75,6 +78,9 @@ class VariationalLoraPosterior:
         self.weight_decay = float(weight_decay)
         self.config = dict(config or {})
         self.metadata = dict(metadata or {})
+        masks = dict(pruning_masks or {})
+        pruning.validate_pruning_masks(masks, self.parameters, source=f"posterior of adapter {adapter_name!r}")
+        self.pruning_masks = {key: mask.to(self.parameters[key].device) for key, mask in masks.items()}
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -119,6 +125,7 @@ class VariationalLoraPosterior:
         folder = resolve_adapter_folder(path_or_repo_id, subfolder=subfolder, revision=revision, token=token)
         mean = read_mean(folder)
         variances, metadata = read_variances(folder, mean)
+        masks = pruning.decode_pruning_masks(variances, mean, metadata, source=str(folder))
         if not isinstance(model, PeftModel):
             model = PeftModel.from_pretrained(model, str(folder), adapter_name=adapter_name, is_trainable=is_trainable)
         elif adapter_name not in model.peft_config:
@@ -137,6 +144,7 @@ class VariationalLoraPosterior:
             weight_decay=float(metadata["weight_decay"]),
             config=read_variational_config(folder),
             metadata=extra,
+            pruning_masks=masks,
         )
 
     # ------------------------------------------------------------------ inspection
@@ -162,11 +170,14 @@ class VariationalLoraPosterior:
 
     # ------------------------------------------------------------------ use
     def draw(self, generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """One posterior sample θ = m + σ·ε per key, without touching the model."""
-        return {
-            key: p.detach().float() + self.variances[key].sqrt() * _randn_like(self.variances[key], generator)
-            for key, p in self.parameters.items()
-        }
+        """One posterior sample θ = m + σ·ε per key, without touching the model; pruned entries stay exactly 0."""
+        theta = {}
+        for key, p in self.parameters.items():
+            noise = self.variances[key].sqrt() * _randn_like(self.variances[key], generator)
+            if key in self.pruning_masks:
+                noise = noise.masked_fill(self.pruning_masks[key], 0.0)
+            theta[key] = p.detach().float() + noise
+        return theta
 
     @contextmanager
     def sample(self, seed: int | None = None, generator: torch.Generator | None = None) -> Iterator[dict[str, Tensor]]:
@@ -202,7 +213,31 @@ class VariationalLoraPosterior:
             weight_decay=self.weight_decay,
             config=self.config,
             metadata={**self.metadata, "temperature": repr(float(temperature) * float(self.metadata.get("temperature", 1.0)))},
+            pruning_masks=self.pruning_masks,
         )
+
+    def prune(
+        self, amount: float, criterion: str = "snr", scope: str = "tensor", *, adapter_name: str | None = None
+    ) -> VariationalLoraPosterior:
+        """Unstructured pruning: a new posterior whose ``round(amount·n)`` least trusted entries are fixed at 0.
+
+        ``criterion``: ``"snr"`` drops the lowest |m|/σ, ``"variance"`` the highest σ², ``"magnitude"`` the lowest |m|;
+        ``scope``: ``"tensor"`` (n per tensor) or ``"global"`` (n over the adapter). The result lives in a new adapter
+        ``adapter_name`` (default ``"<adapter>_pruned"``) of the same model, made active; this posterior and its
+        adapter are untouched. See :mod:`ivon_lora.pruning`.
+        """
+        return pruning.prune(self, amount, criterion, scope, adapter_name=adapter_name)
+
+    def prune_ranks(
+        self, keep: int | float, criterion: str = "snr", *, adapter_name: str | None = None
+    ) -> VariationalLoraPosterior:
+        """Structured pruning: a new posterior over a genuinely lower-rank adapter that computes the same as this one
+        with the dropped rank components set to 0.
+
+        ``keep``: rank kept per layer (int) or fraction of all components kept (float in (0, 1], ranked across
+        layers). ``criterion``: ``"snr"`` or ``"magnitude"``. New adapter as in :meth:`prune`.
+        """
+        return pruning.prune_ranks(self, keep, criterion, adapter_name=adapter_name)
 
     # ------------------------------------------------------------------ persistence
     def write_into(self, directory: str | Path) -> Path:
@@ -213,9 +248,8 @@ class VariationalLoraPosterior:
         for key, tensor in mean.items():
             if key in current and not torch.equal(tensor, current[key].to(tensor.dtype)):
                 raise VariationalAdapterError(f"{folder}: saved mean differs from the model's at {key!r}; save them together.")
-        write_variances(
-            folder, self.variances, mean, ess=self.ess, weight_decay=self.weight_decay, extra_metadata=self.metadata
-        )
+        variances = pruning.encode_pruned_variances(self.variances, self.pruning_masks)
+        write_variances(folder, variances, mean, ess=self.ess, weight_decay=self.weight_decay, extra_metadata=self.metadata)
         write_variational_config(folder, self.config)
         return folder
 
