@@ -1,7 +1,8 @@
 """The commonsense finetuning job behind ``recipes/llama_commonsense.py``: train one LoRA adapter per task with
 IVON (or the AdamW baseline), evaluate it at the mean and posterior-averaged, and write everything to disk.
 
-Outputs in ``output_dir``: ``adapter/`` (PEFT adapter + ``adapter_variance.safetensors`` + model card),
+Outputs in ``output_dir``: ``adapter/`` (PEFT adapter + ``adapter_variance.safetensors`` + model card; with
+``--prune`` the pruned adapter goes to ``adapter/<name>_pruned/``, PEFT's layout for a second adapter),
 ``eval_results.json`` (per task, per mode: acc, ece, nll, brier, n, and the scoring mode), ``reliability.png``,
 ``config.yaml`` (the configuration used) and ``predictions.npz`` (probabilities and labels per mode).
 """
@@ -80,6 +81,9 @@ class CommonsenseConfig:
     lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout."})
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "LoRA targets."})
+    prune: float = field(default=0.0, metadata={"help": "After IVON training, prune this fraction of adapter entries (0: off)."})
+    prune_criterion: str = field(default="snr", metadata={"help": "snr (|m|/sigma), variance or magnitude."})
+    prune_scope: str = field(default="tensor", metadata={"help": "tensor (per-tensor fraction) or global."})
     eval_samples: int = field(default=4, metadata={"help": "K posterior samples for the averaged evaluation (0: mean only)."})
     eval_batch_size: int = field(default=8, metadata={"help": "Questions per evaluation batch."})
     eval_max_rows: int | None = field(default=None, metadata={"help": "Cap on rows per forward (K x batch x choices)."})
@@ -91,6 +95,8 @@ class CommonsenseConfig:
     def __post_init__(self) -> None:
         if self.optimizer not in ("ivon", "adamw"):
             raise ValueError(f"optimizer must be 'ivon' or 'adamw', got {self.optimizer!r}.")
+        if self.prune and self.optimizer != "ivon":
+            raise ValueError("--prune needs a posterior: it works with --optimizer ivon only.")
         if self.eval_samples < 0:
             raise ValueError(f"eval_samples must be >= 0, got {self.eval_samples}.")
         if self.learning_rate is None:
@@ -162,18 +168,27 @@ def run_commonsense(config: CommonsenseConfig) -> dict[str, Any]:
         trainer.accelerator.wait_for_everyone()
         return {}
 
+    adapter_dir = output_dir / "adapter"
+    trainer.save_model(str(adapter_dir))  # saved before evaluating: VariationalTrainer adds the variances
+    posterior = trainer.posterior() if config.optimizer == "ivon" else None
+    if posterior is not None and config.prune:
+        posterior = posterior.prune(config.prune, config.prune_criterion, config.prune_scope)
+        adapter_dir = posterior.save_pretrained(adapter_dir)  # PEFT's layout: a named adapter's subfolder
+        logger.info("Pruned %.0f%% of the adapter by %s; saved to %s", 100 * config.prune, config.prune_criterion, adapter_dir)
     predictions = evaluate_modes(
         model,
         scorer,
         evaluation,
-        posterior=trainer.posterior() if config.optimizer == "ivon" else None,
+        posterior=posterior,
         eval_samples=config.eval_samples,
         batch_size=config.eval_batch_size,
         max_rows=config.eval_max_rows,
         seed=config.seed,
     )
     results = evaluation_results(config.task, predictions)
-    _write_outputs(config, trainer, predictions, results, time.time() - started)
+    if config.prune:
+        results[config.task]["pruning"] = {"amount": config.prune, "criterion": config.prune_criterion, "scope": config.prune_scope}
+    _write_outputs(config, adapter_dir, predictions, results, time.time() - started)
     trainer.accelerator.wait_for_everyone()
     return results
 
@@ -229,11 +244,9 @@ def write_evaluation(output_dir: Path, task: str, predictions: dict[str, Predict
 
 
 def _write_outputs(
-    config: CommonsenseConfig, trainer: Any, predictions: dict[str, Predictions], results: dict[str, Any], seconds: float
+    config: CommonsenseConfig, adapter_dir: Path, predictions: dict[str, Predictions], results: dict[str, Any], seconds: float
 ) -> None:
     output_dir = Path(config.output_dir)
-    adapter_dir = output_dir / "adapter"
-    trainer.save_model(str(adapter_dir))  # VariationalTrainer adds adapter_variance.safetensors
     write_evaluation(output_dir, config.task, predictions, results)
     (adapter_dir / EVAL_RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     (output_dir / "config.yaml").write_text(yaml.safe_dump({**dataclasses.asdict(config), "wall_time_s": round(seconds, 1)}))
