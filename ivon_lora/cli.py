@@ -2,6 +2,7 @@
 
     ivon-lora train    [recipe flags]                      train + evaluate + save (recipes/llama_commonsense.py)
     ivon-lora evaluate ADAPTER --task arc_easy [-k 10]      evaluate a saved variational adapter
+    ivon-lora prune    ADAPTER OUT --amount 0.5 [--criterion snr]   prune entries (or --ranks k)
     ivon-lora push     ADAPTER USER/REPO [--private]        upload mean + variance + card in one Hub commit
     ivon-lora compare  [--tasks ...] [--seeds ...]          IVON vs AdamW study, resumable
 
@@ -72,6 +73,37 @@ def _evaluate(argv: list[str]) -> None:
     write_evaluation(Path(args.output_dir), args.task, predictions, evaluation_results(args.task, predictions))
 
 
+def _prune(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(prog="ivon-lora prune", description="Prune a saved variational adapter.")
+    parser.add_argument("adapter", help="Local folder or Hub repo id of the adapter.")
+    parser.add_argument("output_dir", type=Path, help="Where the pruned adapter is saved.")
+    parser.add_argument("--amount", type=float, help="Fraction of entries to prune (unstructured), in [0, 1).")
+    parser.add_argument("--criterion", default="snr", choices=["snr", "variance", "magnitude"])
+    parser.add_argument("--scope", default="tensor", choices=["tensor", "global"])
+    parser.add_argument("--ranks", type=float, help="Structured: rank kept per layer (int) or fraction of components.")
+    parser.add_argument("--base_model", help="Base model (default: the adapter's base_model_name_or_path).")
+    args = parser.parse_args(argv)
+    if (args.amount is None) == (args.ranks is None):
+        parser.error("give exactly one of --amount (unstructured) or --ranks (structured)")
+
+    from peft import PeftConfig
+
+    from ivon_lora.hub import resolve_adapter_folder
+    from ivon_lora.models import load_base_model
+    from ivon_lora.posterior import VariationalLoraPosterior
+
+    folder = resolve_adapter_folder(args.adapter)
+    base_name = args.base_model or PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
+    base, _ = load_base_model(base_name, load_in_4bit=False)
+    posterior = VariationalLoraPosterior.from_pretrained(base, folder)
+    if args.ranks is not None:
+        keep = int(args.ranks) if args.ranks >= 1 else args.ranks
+        pruned = posterior.prune_ranks(keep, "snr" if args.criterion == "variance" else args.criterion)
+    else:
+        pruned = posterior.prune(args.amount, args.criterion, args.scope)
+    print(pruned.save_pretrained(args.output_dir))
+
+
 def _push(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="ivon-lora push", description="Upload a variational adapter to the Hub.")
     parser.add_argument("adapter", type=Path, help="Folder written by save_model / save_pretrained.")
@@ -100,6 +132,7 @@ def _push(argv: list[str]) -> None:
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "train": (_train, "train, evaluate and save an adapter (the recipe's flags; --help for them)"),
     "evaluate": (_evaluate, "evaluate a saved variational adapter at the mean and K-sample average"),
+    "prune": (_prune, "prune a variational adapter by SNR, variance or magnitude (entries or whole ranks)"),
     "push": (_push, "push an adapter with its variances and a model card to the Hub in one commit"),
     "compare": (_compare, "IVON vs AdamW study over tasks x seeds (eval/compare_optimizers.py)"),
 }

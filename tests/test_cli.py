@@ -49,3 +49,21 @@ def test_push_makes_one_commit_with_card(tiny_checkpoints, tmp_path, monkeypatch
     assert code == EXIT_OK
     assert commits == [("user/repo", ["README.md", "adapter_config.json", "adapter_model.safetensors",
                                       "adapter_variance.safetensors", "variational_config.json"])]
+
+
+def test_prune_command_writes_a_pruned_adapter(tiny_checkpoints, tmp_path, monkeypatch):
+    import torch
+
+    import ivon_lora.models as models
+
+    model = load_tiny_lora(tiny_checkpoints["llama"])
+    variances = {k: torch.full_like(p, 0.01) for k, p in lora_parameters(model).items()}
+    folder = VariationalLoraPosterior(model, variances, ess=100.0).save_pretrained(tmp_path / "adapter")
+    monkeypatch.setattr(models, "load_base_model",
+                        lambda name, load_in_4bit: (load_tiny_lora(tiny_checkpoints["llama"]).unload(), None))
+    assert main(["prune", str(folder), str(tmp_path / "out"), "--amount", "0.5"]) == EXIT_OK
+    pruned = VariationalLoraPosterior.from_pretrained(load_tiny_lora(tiny_checkpoints["llama"]).unload(),
+                                                      tmp_path / "out" / "default_pruned")
+    zeros = sum(int((p == 0).sum()) for p in pruned.parameters.values())
+    assert zeros == sum(p.numel() for p in pruned.parameters.values()) // 2
+    assert main(["prune", str(folder), str(tmp_path / "x")]) == EXIT_INVALID_INPUT  # neither --amount nor --ranks
