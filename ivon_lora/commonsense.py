@@ -64,6 +64,11 @@ class CommonsenseConfig:
     data_source: str = field(default="auto", metadata={"help": "hub, offline or auto (offline when the Hub is unreachable)."})
     max_train: int | None = field(default=None, metadata={"help": "Use at most this many training questions."})
     max_eval: int | None = field(default=100, metadata={"help": "Evaluate at most this many questions (None: all)."})
+    tune_holdout: int = field(
+        default=0,
+        metadata={"help": "If > 0, hold out this many training questions and evaluate on them instead of the eval "
+                  "split: for tuning hyper-parameters without touching the numbers you report."},
+    )
     max_length: int = field(default=320, metadata={"help": "Longest prompt in tokens (papers: 320)."})
     max_steps: int = field(default=40, metadata={"help": "Optimizer steps."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Questions per micro-batch."})
@@ -156,6 +161,11 @@ def run_commonsense(config: CommonsenseConfig) -> dict[str, Any]:
     train, evaluation = load_task_splits(
         config.task, config.data_source, seed=config.seed, max_train=config.max_train, max_eval=config.max_eval
     )
+    if config.tune_holdout:
+        if config.tune_holdout >= len(train):
+            raise ValueError(f"tune_holdout={config.tune_holdout} leaves no training questions (only {len(train)}).")
+        cut = len(train) - config.tune_holdout
+        train, evaluation = train.select(range(cut)), train.select(range(cut, len(train)))
     scorer = MultipleChoiceScorer(tokenizer, config.task, mode=config.scoring_mode, max_length=config.max_length, model=base)
     logger.info("Task %s: %d train / %d eval questions, %s scoring", config.task, len(train), len(evaluation), scorer.mode)
 
@@ -185,7 +195,7 @@ def run_commonsense(config: CommonsenseConfig) -> dict[str, Any]:
         max_rows=config.eval_max_rows,
         seed=config.seed,
     )
-    results = evaluation_results(config.task, predictions)
+    results = evaluation_results(config.task, predictions, split="validation-holdout" if config.tune_holdout else "eval")
     if config.prune:
         results[config.task]["pruning"] = {"amount": config.prune, "criterion": config.prune_criterion, "scope": config.prune_scope}
     _write_outputs(config, adapter_dir, predictions, results, time.time() - started)
@@ -216,11 +226,11 @@ def evaluate_modes(
     return predictions
 
 
-def evaluation_results(task: str, predictions: dict[str, Predictions]) -> dict[str, Any]:
-    """The ``eval_results.json`` layout: ``{task: {mode: metrics, "scoring_mode": ..., "split": "eval"}}``."""
+def evaluation_results(task: str, predictions: dict[str, Predictions], split: str = "eval") -> dict[str, Any]:
+    """The ``eval_results.json`` layout: ``{task: {mode: metrics, "scoring_mode": ..., "split": ...}}``."""
     entry: dict[str, Any] = {name: p.metrics for name, p in predictions.items()}
     entry["scoring_mode"] = next(iter(predictions.values())).scoring_mode
-    entry["split"] = "eval"
+    entry["split"] = split
     return {task: entry}
 
 

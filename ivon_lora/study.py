@@ -37,8 +37,11 @@ class StudyConfig:
     tasks: list[str] = field(default_factory=lambda: list(PAPER_TASKS), metadata={"help": "Tasks to run."})
     seeds: list[int] = field(default_factory=lambda: [21, 42, 87], metadata={"help": "Seeds (papers: 21 42 87)."})
     output_dir: str = field(default="outputs/study", metadata={"help": "Study folder (runs/ inside; resumable)."})
-    ivon_learning_rate: float = field(default=0.1, metadata={"help": "IVON lr (tuned on validation; see README)."})
-    adamw_learning_rate: float = field(default=1e-4, metadata={"help": "AdamW lr (tuned on validation; see README)."})
+    ivon_learning_rate: float = field(default=0.1, metadata={"help": "IVON lr (replaced by the tuned one if a grid is given)."})
+    adamw_learning_rate: float = field(default=1e-4, metadata={"help": "AdamW lr (replaced by the tuned one if a grid is given)."})
+    ivon_lr_grid: list[float] = field(default_factory=list, metadata={"help": "IVON lrs to tune over (empty: no tuning)."})
+    adamw_lr_grid: list[float] = field(default_factory=list, metadata={"help": "AdamW lrs to tune over (empty: no tuning)."})
+    tune_holdout: int = field(default=100, metadata={"help": "Training questions held out as the tuning validation set."})
     model_name_or_path: str | None = field(default=None, metadata={"help": "Base model (default: the recipe's)."})
     max_steps: int = field(default=40, metadata={"help": "Optimizer steps per run."})
     max_train: int | None = field(default=None, metadata={"help": "Training questions per task (None: all)."})
@@ -50,35 +53,68 @@ class StudyConfig:
     load_in_4bit: bool = field(default=True, metadata={"help": "4-bit NF4 base."})
     data_source: str = field(default="auto", metadata={"help": "hub, offline or auto."})
 
-    def run_config(self, task: str, seed: int, optimizer: str) -> CommonsenseConfig:
+    def run_config(self, task: str, seed: int, optimizer: str, learning_rate: float | None = None) -> CommonsenseConfig:
+        """The run of the grid; with ``learning_rate`` a tuning run (validation hold-out, mean only)."""
+        tuning = learning_rate is not None
+        default_lr = self.ivon_learning_rate if optimizer == "ivon" else self.adamw_learning_rate
+        folder = Path(self.output_dir) / "runs" / task / f"seed{seed}" / optimizer
+        if tuning:
+            folder = Path(self.output_dir) / "tuning" / task / f"{optimizer}_lr{learning_rate:g}"
         overrides: dict[str, Any] = dict(
             task=task, seed=seed, optimizer=optimizer, max_steps=self.max_steps, max_train=self.max_train,
-            max_eval=self.max_eval, max_length=self.max_length, eval_samples=self.eval_samples, ess=self.ess,
-            scoring_mode=self.scoring_mode, load_in_4bit=self.load_in_4bit, data_source=self.data_source,
-            learning_rate=self.ivon_learning_rate if optimizer == "ivon" else self.adamw_learning_rate,
-            output_dir=str(Path(self.output_dir) / "runs" / task / f"seed{seed}" / optimizer),
+            max_eval=self.max_eval, max_length=self.max_length, eval_samples=0 if tuning else self.eval_samples,
+            ess=self.ess, scoring_mode=self.scoring_mode, load_in_4bit=self.load_in_4bit, data_source=self.data_source,
+            learning_rate=learning_rate if tuning else default_lr, tune_holdout=self.tune_holdout if tuning else 0,
+            output_dir=str(folder),
         )
         if self.model_name_or_path:
             overrides["model_name_or_path"] = self.model_name_or_path
         return CommonsenseConfig(**overrides)
 
 
-def run_study(config: StudyConfig) -> dict[str, Any]:
-    """Run every missing (task, seed, optimizer) and write the summary; returns ``summarize_study``'s result."""
-    output = Path(config.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    (output / "study_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
-    grid = [(t, s, o) for t in config.tasks for s in config.seeds for o in ("adamw", "ivon")]
-    for index, (task, seed, optimizer) in enumerate(grid, 1):
-        run = config.run_config(task, seed, optimizer)
-        if (Path(run.output_dir) / EVAL_RESULTS_FILE).is_file():
-            logger.info("[%d/%d] %s seed %d %s: done already, skipped", index, len(grid), task, seed, optimizer)
-            continue
-        logger.info("[%d/%d] %s seed %d %s: running", index, len(grid), task, seed, optimizer)
+def _run_once(run: CommonsenseConfig, label: str) -> dict[str, Any]:
+    """Run unless its results exist (resumability); return the results."""
+    path = Path(run.output_dir) / EVAL_RESULTS_FILE
+    if path.is_file():
+        logger.info("%s: done already, skipped", label)
+    else:
+        logger.info("%s: running", label)
         started = time.time()
         run_commonsense(run)
         gc.collect()
-        logger.info("[%d/%d] finished in %.0f s", index, len(grid), time.time() - started)
+        logger.info("%s: finished in %.0f s", label, time.time() - started)
+    return json.loads(path.read_text())
+
+
+def tune_learning_rates(config: StudyConfig) -> dict[str, Any]:
+    """Pick each optimizer's lr by accuracy (ties: NLL) on questions held out from the first task's training
+    split, first seed only — the reported eval split is never used for tuning. Updates ``config`` in place."""
+    task, seed = config.tasks[0], config.seeds[0]
+    chosen: dict[str, Any] = {}
+    for optimizer, grid in (("ivon", config.ivon_lr_grid), ("adamw", config.adamw_lr_grid)):
+        scores = {}
+        for lr in grid:
+            results = _run_once(config.run_config(task, seed, optimizer, learning_rate=lr), f"tune {optimizer} lr={lr:g}")
+            metrics = results[task]["ivon_mean" if optimizer == "ivon" else "adamw"]
+            scores[lr] = metrics
+        if scores:
+            best = max(scores, key=lambda lr: (scores[lr]["acc"], -scores[lr]["nll"]))
+            setattr(config, f"{optimizer}_learning_rate", best)
+            chosen[optimizer] = {"chosen": best, "validation": {f"{lr:g}": m for lr, m in scores.items()}}
+    return chosen
+
+
+def run_study(config: StudyConfig) -> dict[str, Any]:
+    """Tune (if grids are given), run every missing (task, seed, optimizer), and write the summary."""
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    tuning = tune_learning_rates(config)
+    if tuning:
+        (output / "tuning.json").write_text(json.dumps(tuning, indent=2) + "\n")
+    (output / "study_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    grid = [(t, s, o) for t in config.tasks for s in config.seeds for o in ("adamw", "ivon")]
+    for index, (task, seed, optimizer) in enumerate(grid, 1):
+        _run_once(config.run_config(task, seed, optimizer), f"[{index}/{len(grid)}] {task} seed {seed} {optimizer}")
     return summarize_study(config)
 
 

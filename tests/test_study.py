@@ -66,3 +66,27 @@ def test_markdown_orders_modes():
                      "adamw": {**{f"{m}_{s}": 2.0 for m in study.METRICS for s in ("mean", "std")}, "seeds": 3, "n": 5}}}
     lines = results_markdown(summary).splitlines()
     assert lines[2].startswith("| t | adamw |") and lines[3].startswith("| t | ivon_avg_k4 |")
+
+
+def test_learning_rates_are_tuned_on_held_out_training_questions(tmp_path, monkeypatch):
+    calls, seen = [], []
+    run = fake_run(calls)
+
+    def run_with_lr_effect(config):
+        seen.append((config.tune_holdout, config.eval_samples, config.optimizer, config.learning_rate))
+        results = run(config)
+        mode = next(iter(m for m in results[config.task] if m != "scoring_mode"))
+        results[config.task][mode]["acc"] = {0.1: 60.0, 0.5: 70.0, 1e-4: 65.0, 1e-3: 55.0}.get(config.learning_rate, 0.0)
+        (Path(config.output_dir) / EVAL_RESULTS_FILE).write_text(json.dumps(results))
+        return results
+
+    monkeypatch.setattr(study, "run_commonsense", run_with_lr_effect)
+    config = StudyConfig(tasks=["arc_easy"], seeds=[21], output_dir=str(tmp_path), ivon_lr_grid=[0.1, 0.5],
+                         adamw_lr_grid=[1e-4, 1e-3], tune_holdout=50)
+    run_study(config)
+    tuning_runs = [s for s in seen if s[0] == 50]
+    assert len(tuning_runs) == 4 and all(s[1] == 0 for s in tuning_runs)
+    final = [s for s in seen if s[0] == 0]
+    assert sorted((s[2], s[3]) for s in final) == [("adamw", 1e-4), ("ivon", 0.5)]
+    chosen = json.loads((tmp_path / "tuning.json").read_text())
+    assert chosen["ivon"]["chosen"] == 0.5 and chosen["adamw"]["chosen"] == 1e-4
