@@ -23,7 +23,7 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import TrainingArguments, set_seed
 
-from ivon_lora.evaluation.data import load_task_splits
+from ivon_lora.evaluation.data import DEFAULT_SPLIT_SEED, load_task_splits
 from ivon_lora.evaluation.predict import Predictions, predict_multiple_choice
 from ivon_lora.evaluation.scoring import MultipleChoiceScorer
 from ivon_lora.models import DEFAULT_MODEL, load_base_model
@@ -61,6 +61,11 @@ class CommonsenseConfig:
     optimizer: str = field(default="ivon", metadata={"help": "ivon or adamw (the baseline: same LoRA, data and steps)."})
     load_in_4bit: bool = field(default=True, metadata={"help": "bitsandbytes NF4 base weights (QLoRA)."})
     scoring_mode: str = field(default="auto", metadata={"help": "letter, cloze or auto (letter for >= 1B parameters)."})
+    split_seed: int = field(
+        default=DEFAULT_SPLIT_SEED,
+        metadata={"help": "Seed of the data split protocol; keep it fixed across training seeds so every seed is "
+                  "evaluated on the same questions."},
+    )
     data_source: str = field(default="auto", metadata={"help": "hub, offline or auto (offline when the Hub is unreachable)."})
     max_train: int | None = field(default=None, metadata={"help": "Use at most this many training questions."})
     max_eval: int | None = field(default=100, metadata={"help": "Evaluate at most this many questions (None: all)."})
@@ -70,7 +75,7 @@ class CommonsenseConfig:
                   "split: for tuning hyper-parameters without touching the numbers you report."},
     )
     max_length: int = field(default=320, metadata={"help": "Longest prompt in tokens (papers: 320)."})
-    max_steps: int = field(default=40, metadata={"help": "Optimizer steps."})
+    max_steps: int = field(default=40, metadata={"help": "Optimizer steps (0: evaluate the untrained base, 'zero_shot')."})
     per_device_train_batch_size: int = field(default=4, metadata={"help": "Questions per micro-batch."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches (= posterior samples) per step."})
     learning_rate: float | None = field(default=None, metadata={"help": "Default: 0.1 for IVON, 1e-4 for AdamW (SmolLM2 scale)."})
@@ -159,7 +164,7 @@ def run_commonsense(config: CommonsenseConfig) -> dict[str, Any]:
     )
     model = get_peft_model(base, lora)
     train, evaluation = load_task_splits(
-        config.task, config.data_source, seed=config.seed, max_train=config.max_train, max_eval=config.max_eval
+        config.task, config.data_source, seed=config.split_seed, max_train=config.max_train, max_eval=config.max_eval
     )
     if config.tune_holdout:
         if config.tune_holdout >= len(train):
@@ -173,6 +178,8 @@ def run_commonsense(config: CommonsenseConfig) -> dict[str, Any]:
     trainer = trainer_cls(
         model=model, args=_training_arguments(config), train_dataset=train, data_collator=scorer.collate, loss_fn=scorer.loss
     )
+    if config.max_steps == 0:
+        return _zero_shot(config, model, scorer, evaluation)
     trainer.train()
     if not trainer.accelerator.is_main_process:  # evaluation and saving happen once, on the main process
         trainer.accelerator.wait_for_everyone()
@@ -200,6 +207,14 @@ def run_commonsense(config: CommonsenseConfig) -> dict[str, Any]:
         results[config.task]["pruning"] = {"amount": config.prune, "criterion": config.prune_criterion, "scope": config.prune_scope}
     _write_outputs(config, adapter_dir, predictions, results, time.time() - started)
     trainer.accelerator.wait_for_everyone()
+    return results
+
+
+def _zero_shot(config: CommonsenseConfig, model: Any, scorer: MultipleChoiceScorer, evaluation: Any) -> dict[str, Any]:
+    """The reference point without finetuning (LoRA B = 0, so the PEFT model computes the base model)."""
+    predictions = {"zero_shot": predict_multiple_choice(model, scorer, evaluation, batch_size=config.eval_batch_size)}
+    results = evaluation_results(config.task, predictions)
+    write_evaluation(Path(config.output_dir), config.task, predictions, results)
     return results
 
 

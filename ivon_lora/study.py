@@ -71,6 +71,11 @@ class StudyConfig:
             overrides["model_name_or_path"] = self.model_name_or_path
         return CommonsenseConfig(**overrides)
 
+    def zero_shot_config(self, task: str) -> CommonsenseConfig:
+        """The untrained base evaluated on the same questions (a reference row of the table)."""
+        return dataclasses.replace(self.run_config(task, self.seeds[0], "adamw"), max_steps=0,
+                                   output_dir=str(Path(self.output_dir) / "runs" / task / "zero_shot"))
+
 
 def _run_once(run: CommonsenseConfig, label: str) -> dict[str, Any]:
     """Run unless its results exist (resumability); return the results."""
@@ -112,6 +117,8 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     if tuning:
         (output / "tuning.json").write_text(json.dumps(tuning, indent=2) + "\n")
     (output / "study_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2) + "\n")
+    for task in config.tasks:  # the untrained base on the same questions, as a reference row
+        _run_once(config.zero_shot_config(task), f"{task} zero-shot")
     grid = [(t, s, o) for t in config.tasks for s in config.seeds for o in ("adamw", "ivon")]
     for index, (task, seed, optimizer) in enumerate(grid, 1):
         _run_once(config.run_config(task, seed, optimizer), f"[{index}/{len(grid)}] {task} seed {seed} {optimizer}")
@@ -122,14 +129,15 @@ def _load_runs(config: StudyConfig) -> dict[str, dict[str, list[dict[str, float]
     """{task: {mode: [metrics per seed]}} from the finished runs."""
     table: dict[str, dict[str, list[dict[str, float]]]] = {}
     for task in config.tasks:
-        for seed in config.seeds:
-            for optimizer in ("adamw", "ivon"):
-                path = Path(config.run_config(task, seed, optimizer).output_dir) / EVAL_RESULTS_FILE
-                if not path.is_file():
-                    continue
-                for mode, metrics in json.loads(path.read_text())[task].items():
-                    if isinstance(metrics, dict):
-                        table.setdefault(task, {}).setdefault(mode, []).append(metrics)
+        paths = [Path(config.zero_shot_config(task).output_dir) / EVAL_RESULTS_FILE]
+        paths += [Path(config.run_config(task, s, o).output_dir) / EVAL_RESULTS_FILE
+                  for s in config.seeds for o in ("adamw", "ivon")]
+        for path in paths:
+            if not path.is_file():
+                continue
+            for mode, metrics in json.loads(path.read_text())[task].items():
+                if isinstance(metrics, dict):
+                    table.setdefault(task, {}).setdefault(mode, []).append(metrics)
     return table
 
 
@@ -169,7 +177,7 @@ def results_markdown(summary: dict[str, Any]) -> str:
 
 
 def _mode_order(mode: str) -> tuple[int, str]:
-    return ({"adamw": 0, "ivon_mean": 1}.get(mode, 2), mode)
+    return ({"zero_shot": 0, "adamw": 1, "ivon_mean": 2}.get(mode, 3), mode)
 
 
 def _plot_bars(summary: dict[str, Any], path: Path) -> None:

@@ -20,7 +20,7 @@ def fake_run(calls):
         calls.append((config.task, config.seed, config.optimizer, config.learning_rate))
         out = Path(config.output_dir)
         out.mkdir(parents=True)
-        modes = ["adamw"] if config.optimizer == "adamw" else ["ivon_mean", f"ivon_avg_k{config.eval_samples}"]
+        modes = ["zero_shot"] if config.max_steps == 0 else ["adamw"] if config.optimizer == "adamw" else ["ivon_mean", f"ivon_avg_k{config.eval_samples}"]
         results = {config.task: {m: {"acc": 50.0 + config.seed % 7 + i, "ece": 10.0 - i, "nll": 1.0, "brier": 0.5,
                                      "n": 4} for i, m in enumerate(modes)}}
         results[config.task]["scoring_mode"] = "cloze"
@@ -38,8 +38,9 @@ def test_grid_resume_and_summary(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "run_commonsense", fake_run(calls))
     config = StudyConfig(tasks=["arc_easy", "winogrande_s"], seeds=[21, 42], output_dir=str(tmp_path), eval_samples=3)
     summary = run_study(config)
-    assert len(calls) == 8
+    assert len(calls) == 10  # 2 zero-shot references + 2 tasks x 2 seeds x 2 optimizers
     assert {(c[2], c[3]) for c in calls} == {("adamw", 1e-4), ("ivon", 0.1)}
+    assert summary["arc_easy"]["zero_shot"]["seeds"] == 1
 
     accs = [50.0 + 21 % 7, 50.0 + 42 % 7]
     row = summary["arc_easy"]["ivon_avg_k3"]
@@ -86,7 +87,7 @@ def test_learning_rates_are_tuned_on_held_out_training_questions(tmp_path, monke
     run_study(config)
     tuning_runs = [s for s in seen if s[0] == 50]
     assert len(tuning_runs) == 4 and all(s[1] == 0 for s in tuning_runs)
-    final = [s for s in seen if s[0] == 0]
+    final = [s for s in seen if s[0] == 0][1:]  # after the zero-shot reference
     assert sorted((s[2], s[3]) for s in final) == [("adamw", 1e-4), ("ivon", 0.5)]
     chosen = json.loads((tmp_path / "tuning.json").read_text())
     assert chosen["ivon"]["chosen"] == 0.5 and chosen["adamw"]["chosen"] == 1e-4
