@@ -37,6 +37,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from ivon_lora.evaluation.tasks import MultipleChoiceExample, MultipleChoiceTask, get_task
+from ivon_lora.inference import tile_rows
 
 __all__ = [
     "LETTER_MODE_MIN_PARAMETERS",
@@ -100,7 +101,7 @@ def tile_batch(batch: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    return {key: value if key == "labels" else torch.cat([value] * k) for key, value in batch.items()}
+    return {key: value if key == "labels" else tile_rows(value, k) for key, value in batch.items()}
 
 
 class MultipleChoiceScorer:
