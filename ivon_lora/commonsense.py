@@ -212,10 +212,19 @@ def run_commonsense(config: CommonsenseConfig) -> dict[str, Any]:
 
 def _zero_shot(config: CommonsenseConfig, model: Any, scorer: MultipleChoiceScorer, evaluation: Any) -> dict[str, Any]:
     """The reference point without finetuning (LoRA B = 0, so the PEFT model computes the base model)."""
+    started = time.time()
     predictions = {"zero_shot": predict_multiple_choice(model, scorer, evaluation, batch_size=config.eval_batch_size)}
     results = evaluation_results(config.task, predictions)
     write_evaluation(Path(config.output_dir), config.task, predictions, results)
+    write_config(config, time.time() - started)
     return results
+
+
+def write_config(config: CommonsenseConfig, seconds: float) -> Path:
+    """``config.yaml``: every setting of the run (and its wall time), so results can be traced and resumed safely."""
+    path = Path(config.output_dir) / "config.yaml"
+    path.write_text(yaml.safe_dump({**dataclasses.asdict(config), "wall_time_s": round(seconds, 1)}))
+    return path
 
 
 def evaluate_modes(
@@ -274,7 +283,7 @@ def _write_outputs(
     output_dir = Path(config.output_dir)
     write_evaluation(output_dir, config.task, predictions, results)
     (adapter_dir / EVAL_RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
-    (output_dir / "config.yaml").write_text(yaml.safe_dump({**dataclasses.asdict(config), "wall_time_s": round(seconds, 1)}))
+    write_config(config, seconds)
     if config.optimizer == "ivon":
         _write_card(adapter_dir, config.model_name_or_path)
 

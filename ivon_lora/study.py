@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from ivon_lora.commonsense import EVAL_RESULTS_FILE, CommonsenseConfig, run_commonsense
 
@@ -78,9 +79,18 @@ class StudyConfig:
 
 
 def _run_once(run: CommonsenseConfig, label: str) -> dict[str, Any]:
-    """Run unless its results exist (resumability); return the results."""
+    """Run unless its results exist with the same configuration (resumability); return the results."""
     path = Path(run.output_dir) / EVAL_RESULTS_FILE
     if path.is_file():
+        config_path = Path(run.output_dir) / "config.yaml"
+        saved = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
+        saved.pop("wall_time_s", None)
+        differing = sorted(k for k, v in dataclasses.asdict(run).items() if saved.get(k, object()) != v)
+        if differing:
+            raise ValueError(
+                f"{run.output_dir} holds a finished run made with other settings ({differing}); "
+                "use another --output_dir or delete that folder to re-run it."
+            )
         logger.info("%s: done already, skipped", label)
     else:
         logger.info("%s: running", label)

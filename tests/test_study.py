@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ivon_lora.study as study
-from ivon_lora.commonsense import EVAL_RESULTS_FILE
+from ivon_lora.commonsense import EVAL_RESULTS_FILE, write_config
 from ivon_lora.study import StudyConfig, results_markdown, run_study
 
 
@@ -25,6 +25,7 @@ def fake_run(calls):
                                      "n": 4} for i, m in enumerate(modes)}}
         results[config.task]["scoring_mode"] = "cloze"
         (out / EVAL_RESULTS_FILE).write_text(json.dumps(results))
+        write_config(config, 1.0)
         probs = np.array([[0.7, 0.3], [0.4, 0.6], [0.9, 0.1], [0.2, 0.8]])
         np.savez(out / "predictions.npz", **{f"{m}_probs": probs for m in modes},
                  **{f"{m}_labels": np.array([0, 1, 1, 1]) for m in modes})
@@ -60,6 +61,10 @@ def test_grid_resume_and_summary(tmp_path, monkeypatch):
     shutil.rmtree(config.run_config("arc_easy", 42, "ivon").output_dir)
     run_study(config)
     assert calls == [("arc_easy", 42, "ivon", 0.1)]
+
+    config.max_steps = 7  # finished runs made with other settings are never mixed in
+    with pytest.raises(ValueError, match="other settings"):
+        run_study(config)
 
 
 def test_markdown_orders_modes():
