@@ -40,7 +40,7 @@ def test_grid_resume_and_summary(tmp_path, monkeypatch):
     config = StudyConfig(tasks=["arc_easy", "winogrande_s"], seeds=[21, 42], output_dir=str(tmp_path), eval_samples=3)
     summary = run_study(config)
     assert len(calls) == 10  # 2 zero-shot references + 2 tasks x 2 seeds x 2 optimizers
-    assert {(c[2], c[3]) for c in calls} == {("adamw", 1e-4), ("ivon", 0.1)}
+    assert {(c[2], c[3]) for c in calls} == {("adamw", 1e-3), ("ivon", 1.0)}
     assert summary["arc_easy"]["zero_shot"]["seeds"] == 1
 
     accs = [50.0 + 21 % 7, 50.0 + 42 % 7]
@@ -60,7 +60,7 @@ def test_grid_resume_and_summary(tmp_path, monkeypatch):
 
     shutil.rmtree(config.run_config("arc_easy", 42, "ivon").output_dir)
     run_study(config)
-    assert calls == [("arc_easy", 42, "ivon", 0.1)]
+    assert calls == [("arc_easy", 42, "ivon", 1.0)]
 
     config.max_steps = 7  # finished runs made with other settings are never mixed in
     with pytest.raises(ValueError, match="other settings"):
