@@ -1,8 +1,10 @@
 """Uncertainty-aware minimum Bayes risk decoding and selective prediction.
 
+``generation`` samples the hypotheses of all posterior models in batched ``generate`` calls,
 ``utilities`` builds pairwise utility matrices, ``estimators`` picks outputs from samples of
-one or several posterior models, and ``abstention`` turns the chosen output's expected utility
-into abstain/answer decisions and evaluates them.
+one or several posterior models, ``abstention`` turns the chosen output's expected utility
+into abstain/answer decisions and evaluates them, and ``decode`` glues them together
+(:func:`mbr_decode`).
 """
 
 from .abstention import (
@@ -15,7 +17,16 @@ from .abstention import (
     quality_at_coverage,
     risk_coverage_curve,
 )
+from .decode import MBR_METHODS, MBRDecision, decide, mbr_decode
 from .estimators import MBRResult, mbr, mbr_per_model, mbr_pooled
+from .generation import (
+    PromptSamples,
+    RowSampler,
+    SampleStatistics,
+    greedy_outputs,
+    row_seed,
+    sample_posterior_outputs,
+)
 from .utilities import (
     BertScore,
     Bleu,
@@ -39,10 +50,15 @@ __all__ = [
     "ChrF",
     "DedupUtility",
     "ExactMatch",
+    "MBRDecision",
     "MBRResult",
+    "MBR_METHODS",
     "MatrixUtility",
     "PairwiseUtility",
+    "PromptSamples",
     "RougeL",
+    "RowSampler",
+    "SampleStatistics",
     "TokenF1",
     "Utility",
     "abstain",
@@ -50,8 +66,11 @@ __all__ = [
     "auroc",
     "available_utilities",
     "calibrate_threshold",
+    "decide",
     "get_utility",
+    "greedy_outputs",
     "mbr",
+    "mbr_decode",
     "mbr_per_model",
     "mbr_pooled",
     "normalize_answer",
@@ -60,4 +79,6 @@ __all__ = [
     "quality_at_coverage",
     "register_utility",
     "risk_coverage_curve",
+    "row_seed",
+    "sample_posterior_outputs",
 ]
