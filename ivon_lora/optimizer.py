@@ -89,15 +89,6 @@ class IVON(Optimizer):
         rescale_lr: bool = True,
         seed: int = 0,
     ) -> None:
-        _validate_hyperparameters(
-            lr=lr,
-            ess=ess,
-            hess_init=hess_init,
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=weight_decay,
-            clip_radius=clip_radius,
-        )
         if not isinstance(mc_samples, int) or mc_samples < 1:
             raise ValueError(f"IVON: mc_samples must be a positive integer, got {mc_samples!r}.")
         if not isinstance(seed, int):
@@ -113,6 +104,7 @@ class IVON(Optimizer):
             rescale_lr=rescale_lr,
             step=0,
         )
+        _validate_hyperparameters(**{k: v for k, v in defaults.items() if k in _RULES})
         super().__init__(params, defaults)
         self.mc_samples = mc_samples
         self.seed = seed
@@ -126,9 +118,7 @@ class IVON(Optimizer):
 
     # ------------------------------------------------------------------ configuration
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        for key in ("lr", "ess", "hess_init", "beta1", "beta2", "weight_decay", "clip_radius"):
-            if key in param_group:
-                _validate_hyperparameters(**{key: param_group[key]})
+        _validate_hyperparameters(**{k: v for k, v in param_group.items() if k in _RULES})
         super().add_param_group(param_group)
 
     def enable_distributed(self, process_group: dist.ProcessGroup | None = None) -> None:
@@ -427,18 +417,20 @@ def _by_group(entries: list[tuple[dict[str, Any], Tensor, dict[str, Any]]]) -> l
     return list(buckets.values())
 
 
+_RULES: dict[str, tuple[Callable[[float], bool], str]] = {
+    "lr": (lambda v: v >= 0.0, "must be >= 0"),
+    "ess": (lambda v: v > 0.0, "must be > 0 (typically the training-set size)"),
+    "hess_init": (lambda v: v > 0.0, "must be > 0"),
+    "beta1": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "beta2": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0.0, "must be >= 0"),
+    "clip_radius": (lambda v: v > 0.0, "must be > 0 (use math.inf to disable clipping)"),
+}
+
+
 def _validate_hyperparameters(**values: float) -> None:
     """Raise a ValueError naming the first hyper-parameter outside its valid range."""
-    rules: dict[str, tuple[Callable[[float], bool], str]] = {
-        "lr": (lambda v: v >= 0.0, "must be >= 0"),
-        "ess": (lambda v: v > 0.0, "must be > 0 (typically the training-set size)"),
-        "hess_init": (lambda v: v > 0.0, "must be > 0"),
-        "beta1": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
-        "beta2": (lambda v: 0.0 <= v < 1.0, "must be in [0, 1)"),
-        "weight_decay": (lambda v: v >= 0.0, "must be >= 0"),
-        "clip_radius": (lambda v: v > 0.0, "must be > 0 (use math.inf to disable clipping)"),
-    }
     for name, value in values.items():
-        check, requirement = rules[name]
+        check, requirement = _RULES[name]
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) or not check(value):
             raise ValueError(f"IVON: {name} {requirement}, got {value!r}.")

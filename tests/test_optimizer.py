@@ -280,3 +280,9 @@ def test_load_state_dict_rejects_foreign_state():
     adam = torch.optim.AdamW([p])
     with pytest.raises(ValueError, match="not written by ivon_lora.IVON"):
         IVON([p], lr=0.1, ess=10.0).load_state_dict(adam.state_dict())
+
+
+def test_param_group_overrides_are_validated():
+    opt = IVON([nn.Parameter(torch.zeros(2))], lr=0.1, ess=10.0)
+    with pytest.raises(ValueError, match="ess"):
+        opt.add_param_group({"params": [nn.Parameter(torch.zeros(2))], "ess": 0.0})
