@@ -120,7 +120,7 @@ class VariationalTrainerMixin(LossFnMixin):
             "optimizer": "ivon",
             **hyper,
             "lr_scheduler_type": str(self.args.lr_scheduler_type),
-            "max_steps": self.state.global_step,  # type: ignore[attr-defined]
+            "steps_trained": self.state.global_step,  # type: ignore[attr-defined]
             "per_device_train_batch_size": self.args.per_device_train_batch_size,
             "gradient_accumulation_steps": self.args.gradient_accumulation_steps,
             "world_size": self.args.world_size,
