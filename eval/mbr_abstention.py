@@ -253,14 +253,15 @@ def main() -> None:
 
 
 def _curves(examples: list[dict[str, Any]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Risk-coverage curves: each MBR method by its expected utility, greedy by the two baselines."""
-    pairs = [("greedy", "sequence log-lik"), ("greedy", "-mean entropy")]
-    pairs += [(method, "expected utility") for method in MBR_METHODS]
+    """Risk-coverage curves: each MBR method by its expected utility, greedy by the two baselines (short labels,
+    so that the legend fits)."""
+    pairs = {"greedy: log-lik": ("greedy", "sequence log-lik"), "greedy: -entropy": ("greedy", "-mean entropy")}
+    pairs |= {" ".join(method.split()[:2]): (method, "expected utility") for method in MBR_METHODS}  # "Eq. 9", ...
     curves = {}
-    for method, confidence in pairs:
+    for label, (method, confidence) in pairs.items():
         scores = [e["methods"][method]["confidence"][confidence] for e in examples]
         f1 = [e["methods"][method]["quality"]["f1"] for e in examples]
-        curves[f"{method} / {confidence}"] = risk_coverage_curve(scores, f1)
+        curves[label] = risk_coverage_curve(scores, f1)
     return curves
 
 
