@@ -119,7 +119,7 @@ def main() -> None:
         tokenizer = transformers.AutoTokenizer.from_pretrained(source, local_files_only=local_files_only)
         posterior = tiny_posterior(tokenizer, args.posterior_std)
     else:
-        posterior, tokenizer = build_posterior(args.model, None, args.posterior_std, 8, not args.no_4bit)
+        posterior, tokenizer = build_posterior(args.model, None, args.posterior_std, 8, load_in_4bit=not args.no_4bit)
     prompts = qa_prompts(tokenizer, [q for q, _ in load_questions("nq_open", args.prompts)])
     run_once(posterior, tokenizer, prompts[:1], args, True)  # warm-up
     runs: dict[bool, list[dict[str, float]]] = {True: [], False: []}
@@ -136,10 +136,11 @@ def main() -> None:
     for reuse, label in ((True, "shared prompt cache"), (False, "prompt on every row")):
         report[label] = {clock: summarize(runs[reuse], clock) for clock in ("cpu", "wall")}
         print(f"\n[{label}]            CPU s    wall s")
-        for key in runs[reuse][0]:
-            print(f"  {key:24s} {report[label]['cpu']['seconds'][key]:8.3f}  {report[label]['wall']['seconds'][key]:8.3f}")
-        for key in report[label]["cpu"]["ratios"]:
-            print(f"  {key:36s} {report[label]['cpu']['ratios'][key]:6.3f}  {report[label]['wall']['ratios'][key]:6.3f}")
+        cpu, wall = report[label]["cpu"], report[label]["wall"]
+        for key in cpu["seconds"]:
+            print(f"  {key:24s} {cpu['seconds'][key]:8.3f}  {wall['seconds'][key]:8.3f}")
+        for key in cpu["ratios"]:
+            print(f"  {key:36s} {cpu['ratios'][key]:6.3f}  {wall['ratios'][key]:6.3f}")
     print("\n" + json.dumps(report))
 
 if __name__ == "__main__":

@@ -55,7 +55,13 @@ logger = logging.getLogger("mbr_abstention")
 
 QA_DATASETS = {"nq_open": "nq_open/none/validation", "trivia_qa": "trivia_qa/rc.wikipedia.nocontext/validation"}
 SYSTEM_PROMPT = "Answer the question with a short answer of a few words, no explanation."
-MBR_METHODS = {"plain MBR": "plain", "Eq. 9 pooled": "pooled", "Eq. 10 per-model": "per_model", "Eq. 13 token mixture": "token_mixture"}
+MBR_METHODS = {  # table label -> method of ivon_lora.mbr.decide
+    "plain MBR": "plain",
+    "Eq. 9 pooled": "pooled",
+    "Eq. 10 per-model": "per_model",
+    "Eq. 13 token mixture": "token_mixture",
+}
+QUALITY_KEYS = ("exact_match", "f1", "contained")
 COVERAGES = (0.5, 0.8)
 
 
@@ -82,7 +88,7 @@ def qa_prompts(tokenizer: PreTrainedTokenizerBase, questions: Sequence[str]) -> 
 
 
 def build_posterior(
-    model: str | None, adapter: str | None, posterior_std: float, rank: int, load_in_4bit: bool
+    model: str | None, adapter: str | None, posterior_std: float, rank: int, *, load_in_4bit: bool
 ) -> tuple[VariationalLoraPosterior, PreTrainedTokenizerBase]:
     """A trained variational adapter, or the base model as the mean of an isotropic posterior over a fresh LoRA."""
     base, tokenizer = load_base_model(model, load_in_4bit=load_in_4bit)
@@ -119,7 +125,10 @@ def _confidences(samples: PromptSamples, text: str, mbr_score: float | None) -> 
 
 
 def decode_batch(
-    posterior: VariationalLoraPosterior, tokenizer: PreTrainedTokenizerBase, prompts: list[str], args: argparse.Namespace
+    posterior: VariationalLoraPosterior,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    args: argparse.Namespace,
 ) -> list[dict[str, dict[str, Any]]]:
     """Per prompt: ``{method: {"text", "confidence": {name: score}}}`` for greedy and the four MBR methods."""
     common = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, add_special_tokens=False,
@@ -162,7 +171,7 @@ def summarize(examples: list[dict[str, Any]]) -> dict[str, Any]:
     methods = list(examples[0]["methods"])
     accuracy, abstention = {}, {}
     for method in methods:
-        quality = {key: np.array([e["methods"][method]["quality"][key] for e in examples]) for key in ("exact_match", "f1", "contained")}
+        quality = {key: np.array([e["methods"][method]["quality"][key] for e in examples]) for key in QUALITY_KEYS}
         accuracy[method] = {key: float(values.mean()) for key, values in quality.items()}
         for name in examples[0]["methods"][method]["confidence"]:
             scores = np.array([e["methods"][method]["confidence"][name] for e in examples])
@@ -183,7 +192,7 @@ def markdown(name: str, summary: dict[str, Any], count: int) -> str:
     lines = [f"## {name} ({count} questions, {summary['seconds']:.0f} s)", "",
              "| method | exact match | token F1 | answer contained |", "|---|---|---|---|"]
     for method, values in summary["accuracy"].items():
-        lines.append(f"| {method} | {_cell(values['exact_match'])} | {_cell(values['f1'])} | {_cell(values['contained'])} |")
+        lines.append(f"| {method} | " + " | ".join(_cell(values[key]) for key in QUALITY_KEYS) + " |")
     keys = ["aurc", "auroc", "prr", *[f"f1@{int(c * 100)}%" for c in COVERAGES]]
     lines += ["", "Abstention (risk = 1 - F1; AURC lower is better; AUROC: answer contained vs not; "
               "F1@c: mean F1 of the c most confident):", "",
@@ -223,7 +232,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = parse_args()
     torch.manual_seed(args.seed)  # the fresh LoRA's A matrices
-    posterior, tokenizer = build_posterior(args.model, args.adapter, args.posterior_std, args.lora_rank, not args.no_4bit)
+    posterior, tokenizer = build_posterior(
+        args.model, args.adapter, args.posterior_std, args.lora_rank, load_in_4bit=not args.no_4bit
+    )
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"config": config, "datasets": {}}

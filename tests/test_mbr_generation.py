@@ -205,7 +205,8 @@ def test_epsilon_sampling_never_draws_tokens_below_epsilon():
     probs = logits[0].softmax(-1)
     epsilon = 0.03
     assert (probs < epsilon).sum() == 3
-    tokens = RowSampler(range(2000), eos_token_ids=[99], epsilon=epsilon)(torch.zeros(2000, 1, dtype=torch.long), logits)
+    sampler = RowSampler(range(2000), eos_token_ids=[99], epsilon=epsilon)
+    tokens = sampler(torch.zeros(2000, 1, dtype=torch.long), logits)
     drawn = set(tokens.argmax(-1).tolist())
     assert drawn == {0, 1}
 
@@ -216,9 +217,16 @@ def test_num_return_sequences_keeps_rows_sample_major(tiny_checkpoints, tokenize
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
     draws = draw_samples(post, 2, torch.Generator().manual_seed(0))
     with torch.no_grad(), lora_samples_per_row(post, draws) as k:
-        out = post.model.generate(input_ids=tile_rows(batch.input_ids, k), attention_mask=tile_rows(batch.attention_mask, k),
-                                  do_sample=True, num_return_sequences=4, max_new_tokens=1, output_logits=True,
-                                  return_dict_in_generate=True, pad_token_id=0)
+        out = post.model.generate(
+            input_ids=tile_rows(batch.input_ids, k),
+            attention_mask=tile_rows(batch.attention_mask, k),
+            do_sample=True,
+            num_return_sequences=4,
+            max_new_tokens=1,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
     first_step = out.logits[0].view(2, len(PROMPTS), 4, -1)
     for m in range(2):
         with weights(post, {key: value[m] for key, value in draws.items()}), torch.no_grad():
@@ -232,7 +240,9 @@ def test_greedy_outputs_match_generate(tiny_checkpoints, tokenizer):
     results = greedy_outputs(post, tokenizer, PROMPTS, max_new_tokens=8)
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
     with torch.no_grad():
-        generated = post.model.generate(**batch, do_sample=False, max_new_tokens=8, eos_token_id=EOS_IDS, pad_token_id=0)
+        generated = post.model.generate(
+            **batch, do_sample=False, max_new_tokens=8, eos_token_id=EOS_IDS, pad_token_id=0
+        )
     for row, result in zip(generated[:, batch.input_ids.shape[1] :].tolist(), results):
         expected = row[: next((i for i, t in enumerate(row) if t in EOS_IDS), len(row))]
         assert result.texts == ((tokenizer.decode(expected, skip_special_tokens=True).strip(),),)

@@ -125,7 +125,8 @@ class RowSampler(LogitsProcessor):
     (greedy decoding). ``epsilon > 0`` first drops tokens of probability below it (epsilon sampling).
 
     Per group it accumulates, while unfinished, the log-probability of the drawn tokens and the entropy of the
-    untruncated distribution; a group is finished after it drew one of ``eos_token_ids``.
+    untruncated distribution; a group is finished after it drew one of ``eos_token_ids``. The state belongs to
+    one ``generate`` call: use a fresh instance for every call.
     """
 
     def __init__(
@@ -357,6 +358,10 @@ def _generate_chunk(
         ]
     sampler = RowSampler(
         seeds, eos_token_ids=eos_ids, copies=decoding.models if decoding.mixture else 1, epsilon=decoding.epsilon
+    )
+    logger.debug(
+        "generate: %d prompts x %d models x %d outputs = %d rows (%s)",
+        len(chunk), decoding.models, decoding.per_model, input_ids.shape[0], "greedy" if seeds is None else "sampled",
     )
     extra: dict[str, Any] = {}
     with torch.no_grad(), (decoding.lora() if decoding.lora is not None else nullcontext()):
