@@ -5,6 +5,8 @@
     ivon-lora prune    ADAPTER OUT --amount 0.5 [--criterion snr]   prune entries (or --ranks k)
     ivon-lora push     ADAPTER USER/REPO [--private]        upload mean + variance + card in one Hub commit
     ivon-lora compare  [--tasks ...] [--seeds ...]          IVON vs AdamW study, resumable
+    ivon-lora mbr      ADAPTER --prompts F.jsonl --output O.jsonl [--coverage 0.8 --calibration H.jsonl]
+                                                            uncertainty-aware MBR decoding with abstention
 
 Exit codes: 0 success; 2 invalid input (bad flags, malformed adapter folder, unknown task); 1 any other failure.
 """
@@ -129,12 +131,107 @@ def _push(argv: list[str]) -> None:
     print(getattr(info, "commit_url", info))
 
 
+def _read_prompts(path: Path) -> list[str]:
+    """Prompts from a ``.jsonl`` file (a ``"prompt"`` field per line) or a text file (one prompt per line)."""
+    import json
+
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix != ".jsonl":
+        return lines
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        record = json.loads(line)
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(f"{path}:{number}: every line needs a string field 'prompt'")
+        prompts.append(record["prompt"])
+    return prompts
+
+
+def _mbr(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(
+        prog="ivon-lora mbr",
+        description="Uncertainty-aware MBR decoding with a variational adapter; abstains on low expected utility.",
+    )
+    parser.add_argument("adapter", help="Local folder or Hub repo id of the variational adapter.")
+    parser.add_argument("--prompts", type=Path, required=True,
+                        help="A .jsonl file with a 'prompt' field per line, or a text file with one prompt per line.")
+    parser.add_argument("--output", type=Path, required=True,
+                        help="Decisions as .jsonl: prompt, output, score, abstained.")
+    parser.add_argument("--method", default="pooled", choices=["plain", "pooled", "per_model", "token_mixture"])
+    parser.add_argument("--utility", default="chrf", help="chrf, bleu, rouge_l, exact_match, f1, or a registered name.")
+    parser.add_argument("-M", "--num_models", type=int, default=4, help="Posterior samples.")
+    parser.add_argument("-N", "--samples_per_model", type=int, default=8, help="Outputs per posterior sample.")
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--epsilon", type=float, default=0.0, help="Epsilon-sampling cut-off (0: ancestral).")
+    threshold = parser.add_mutually_exclusive_group()
+    threshold.add_argument("--threshold", type=float, help="Abstain when the expected utility is below this.")
+    threshold.add_argument("--coverage", type=float, help="Target coverage in (0, 1], calibrated on --calibration.")
+    parser.add_argument("--calibration", type=Path, help="Held-out prompts (same formats) for --coverage.")
+    parser.add_argument("--chat", action="store_true", help="Wrap each prompt as a user turn of the chat template.")
+    parser.add_argument("--base_model", help="Base model (default: the adapter's base_model_name_or_path).")
+    parser.add_argument("--no_load_in_4bit", action="store_true", help="Load the base in full precision.")
+    parser.add_argument("--max_batch_rows", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if (args.coverage is None) != (args.calibration is None):
+        parser.error("--coverage and --calibration go together")
+    prompts = _read_prompts(args.prompts)
+    held_out = _read_prompts(args.calibration) if args.calibration is not None else []
+    if not prompts or (args.calibration is not None and not held_out):
+        raise ValueError("no prompts to decode (empty --prompts or --calibration file)")
+
+    import dataclasses
+    import json
+
+    from peft import PeftConfig
+
+    from ivon_lora.hub import resolve_adapter_folder
+    from ivon_lora.mbr import abstain, calibrate_threshold, mbr_decode
+    from ivon_lora.models import load_base_model
+    from ivon_lora.posterior import VariationalLoraPosterior
+
+    folder = resolve_adapter_folder(args.adapter)
+    base_name = args.base_model or PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
+    base, tokenizer = load_base_model(base_name, load_in_4bit=not args.no_load_in_4bit)
+    posterior = VariationalLoraPosterior.from_pretrained(base, folder)
+    posterior.model.eval()
+
+    def decode(texts: list[str]) -> list:
+        if args.chat:
+            texts = [tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
+                                                   add_generation_prompt=True) for t in texts]
+        return mbr_decode(
+            posterior, tokenizer, texts, method=args.method, utility=args.utility, num_models=args.num_models,
+            samples_per_model=args.samples_per_model, max_new_tokens=args.max_new_tokens, epsilon=args.epsilon,
+            seed=args.seed, max_batch_rows=args.max_batch_rows, add_special_tokens=not args.chat, progress=True,
+        )
+
+    threshold_ = args.threshold
+    if args.coverage is not None:
+        threshold_ = calibrate_threshold([d.score for d in decode(held_out)], args.coverage)
+        logger.info("threshold %.4f gives coverage >= %.2f on %d held-out prompts", threshold_, args.coverage,
+                    len(held_out))
+    decisions = decode(prompts)
+    if threshold_ is not None:
+        decisions = [dataclasses.replace(d, abstained=bool(abstain(d.score, threshold_))) for d in decisions]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with args.output.open("w", encoding="utf-8") as handle:
+        for prompt, decision in zip(prompts, decisions):
+            record = {"prompt": prompt, "output": decision.text, "score": decision.score,
+                      "abstained": decision.abstained, "distinct_samples": len(decision.candidates)}
+            handle.write(json.dumps(record) + "\n")
+    answered = sum(not d.abstained for d in decisions)
+    print(f"{args.output}: answered {answered} of {len(decisions)} prompts"
+          + (f" (threshold {threshold_:.4f})" if threshold_ is not None else ""))
+
+
 COMMANDS: dict[str, tuple[Callable[[list[str]], None], str]] = {
     "train": (_train, "train, evaluate and save an adapter (the recipe's flags; --help for them)"),
     "evaluate": (_evaluate, "evaluate a saved variational adapter at the mean and K-sample average"),
     "prune": (_prune, "prune a variational adapter by SNR, variance or magnitude (entries or whole ranks)"),
     "push": (_push, "push an adapter with its variances and a model card to the Hub in one commit"),
     "compare": (_compare, "IVON vs AdamW study over tasks x seeds (eval/compare_optimizers.py)"),
+    "mbr": (_mbr, "uncertainty-aware MBR decoding of your prompts with abstention (threshold or coverage)"),
 }
 
 

@@ -11,6 +11,8 @@ import torch
 import transformers
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers.models import WordLevel
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
 VOCAB = 64
@@ -52,6 +54,16 @@ def tiny_checkpoints(tmp_path_factory) -> dict[str, Path]:
         model.save_pretrained(root / arch)
         paths[arch] = root / arch
     return paths
+
+
+def word_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """Word-level tokenizer over the tiny models' vocabulary: ids 0/1/2 are pad/bos/eos as in their configs."""
+    words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(3, VOCAB)]
+    backend = Tokenizer(WordLevel({word: i for i, word in enumerate(words)}, unk_token="w3"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def load_tiny_lora(path: Path, *, four_bit: bool = True, seed: int = 0, dropout: float = 0.0, rank: int = 4):

@@ -67,3 +67,40 @@ def test_prune_command_writes_a_pruned_adapter(tiny_checkpoints, tmp_path, monke
     zeros = sum(int((p == 0).sum()) for p in pruned.parameters.values())
     assert zeros == sum(p.numel() for p in pruned.parameters.values()) // 2
     assert main(["prune", str(folder), str(tmp_path / "x")]) == EXIT_INVALID_INPUT  # neither --amount nor --ranks
+
+
+def test_mbr_command_decodes_and_abstains(tiny_checkpoints, tmp_path, monkeypatch):
+    import json
+
+    import torch
+
+    import ivon_lora.models as models
+    from conftest import word_tokenizer
+
+    model = load_tiny_lora(tiny_checkpoints["llama"])
+    variances = {k: torch.full_like(p, 0.01) for k, p in lora_parameters(model).items()}
+    folder = VariationalLoraPosterior(model, variances, ess=100.0).save_pretrained(tmp_path / "adapter")
+    monkeypatch.setattr(models, "load_base_model", lambda name, load_in_4bit: (
+        load_tiny_lora(tiny_checkpoints["llama"]).unload(), word_tokenizer()))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n" for i in range(5, 13)))
+    common = [str(folder), "--prompts", str(prompts), "-M", "2", "-N", "3", "--max_new_tokens", "4"]
+
+    def run(*extra: str) -> list[dict]:
+        output = tmp_path / "decisions.jsonl"
+        assert main(["mbr", *common, "--output", str(output), *extra]) == EXIT_OK
+        return [json.loads(line) for line in output.read_text().splitlines()]
+
+    never = run()
+    assert [r["prompt"] for r in never] == [f"w{i} w{i + 1} w{i + 2}" for i in range(5, 13)]
+    assert not any(r["abstained"] for r in never) and all(1 <= r["distinct_samples"] <= 6 for r in never)
+    assert all(r["abstained"] for r in run("--threshold", "101"))  # chrF is at most 100
+    # Calibrating on the same prompts (same seed, same decisions): coverage >= 50%, cut at the 4th best score.
+    calibrated = run("--coverage", "0.5", "--calibration", str(prompts))
+    scores = sorted((r["score"] for r in never), reverse=True)
+    assert [r["abstained"] for r in calibrated] == [r["score"] < scores[3] for r in never]
+    assert sum(not r["abstained"] for r in calibrated) >= 4
+
+    prompts.write_text('{"text": "w5"}\n')
+    assert main(["mbr", *common, "--output", str(tmp_path / "x.jsonl")]) == EXIT_INVALID_INPUT
+    assert main(["mbr", *common, "--output", str(tmp_path / "x.jsonl"), "--coverage", "0.5"]) == EXIT_INVALID_INPUT

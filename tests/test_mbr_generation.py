@@ -17,12 +17,10 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, pre_tokenizers
-from tokenizers.models import WordLevel
 from torch import Tensor
 from transformers import PreTrainedTokenizerFast
 
-from conftest import VOCAB, load_tiny_lora
+from conftest import load_tiny_lora, word_tokenizer
 from ivon_lora import VariationalLoraPosterior
 from ivon_lora.inference import draw_samples, lora_samples_per_row, tile_rows
 from ivon_lora.mbr import (
@@ -46,11 +44,7 @@ PROMPTS = ["w5 w6 w7", "w9 w10 w11 w12 w13 w20", "w40"]  # different lengths: le
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over the tiny models' vocabulary: ids 0/1/2 are pad/bos/eos as in their configs."""
-    words = ["<pad>", "<s>", "</s>"] + [f"w{i}" for i in range(3, VOCAB)]
-    backend = Tokenizer(WordLevel({word: i for i, word in enumerate(words)}, unk_token="w3"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return word_tokenizer()
 
 
 def sharp_posterior(path, *, four_bit: bool = True, variance: float = 1e-2) -> VariationalLoraPosterior:
