@@ -119,7 +119,8 @@ class VariationalTrainerMixin(LossFnMixin):
         return {
             "optimizer": "ivon",
             **hyper,
-            "lr_scheduler_type": str(self.args.lr_scheduler_type),
+            # SchedulerType is a str Enum whose str() is "SchedulerType.LINEAR"; record its value ("linear").
+            "lr_scheduler_type": getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type),
             "steps_trained": self.state.global_step,  # type: ignore[attr-defined]
             "per_device_train_batch_size": self.args.per_device_train_batch_size,
             "gradient_accumulation_steps": self.args.gradient_accumulation_steps,

@@ -85,6 +85,7 @@ def test_trains_saves_and_reloads_on_4bit_base(arch, tiny_checkpoints, tmp_path)
         torch.testing.assert_close(variance[key], expected[key])
     config = json.loads((folder / "variational_config.json").read_text())
     assert config["ess"] == 1e4 and config["optimizer"] == "ivon"
+    assert config["steps_trained"] == 40 and config["lr_scheduler_type"] == "linear"
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
