@@ -46,7 +46,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ModuleSigma", "PosteriorSummary", "render_model_card", "summarize_posterior", "write_model_card"]
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "model_cards" / "variational_lora_card.md"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+# A wheel ships the top-level model_cards/ folder as ivon_lora/model_cards/; a source tree has it next to ivon_lora/.
+_TEMPLATE_CANDIDATES = [
+    folder / "model_cards" / "variational_lora_card.md" for folder in (_PACKAGE_DIR, _PACKAGE_DIR.parent)
+]
+TEMPLATE_PATH = next((path for path in _TEMPLATE_CANDIDATES if path.is_file()), _TEMPLATE_CANDIDATES[-1])
 CARD_TAGS = (VARIATIONAL_CARD_TAG, "variational-inference", "bayesian-deep-learning", "lora", "peft")
 
 # (key in eval_results.json, column label, metric id in model-index)
@@ -334,7 +339,7 @@ def render_model_card(
         raise FileNotFoundError(f"{config_path} does not exist: pass the folder that save_pretrained wrote.")
     if not TEMPLATE_PATH.is_file():
         raise FileNotFoundError(
-            f"The model card template {TEMPLATE_PATH} is missing: reinstall ivon-lora from a complete source tree."
+            f"The model card template {TEMPLATE_PATH} is missing: reinstall ivon-lora (the wheel ships it)."
         )
     summary = summarize_posterior(folder)
     adapter_config = _read_json(config_path)
