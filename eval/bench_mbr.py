@@ -9,9 +9,11 @@ that load changes hit both sides alike:
 * Eq. 13 token mixture: 8 samples from the mixture of the 4 models (32 rows).
 
 Reported: generation and utility seconds, the ratios uncertainty-aware / plain (target <= 1.15) and
-utility / generation (target <= 0.05), with and without the shared prompt KV cache. Each part is the minimum over
-the repeats (the least disturbed run), as CPU time of this process (all threads) and as wall time: on a shared
-machine other jobs inflate wall times at random, CPU time much less.
+utility / generation (target <= 0.05), with and without the shared prompt KV cache. Sampled models can stop at
+different lengths, so the decode steps (longest output) and generated tokens of each side are printed too, and
+the generation ratio per decode step separates the cost of per-row posterior samples from longer outputs. Each
+part is the minimum over the repeats (the least disturbed run), as CPU time of this process (all threads) and as
+wall time: on a shared machine other jobs inflate wall times at random, CPU time much less.
 
     python eval/bench_mbr.py                 # SmolLM2-135M-Instruct, 4-bit base
     python eval/bench_mbr.py --tiny          # a random 2-layer model with SmolLM2's tokenizer (smoke test)
@@ -59,8 +61,9 @@ def timed(fn: Callable[[], Any]) -> tuple[dict[str, float], Any]:
 
 
 def run_once(posterior: VariationalLoraPosterior, tokenizer: Any, prompts: list[str], args: argparse.Namespace,
-             reuse_prompt_cache: bool) -> dict[str, dict[str, float]]:
-    """Seconds (wall and CPU) of generation and utility for plain MBR, Eq. 9/10 and Eq. 13 on all prompts."""
+             reuse_prompt_cache: bool) -> tuple[dict[str, dict[str, float]], dict[str, tuple[int, int]]]:
+    """Seconds (wall and CPU) of generation and utility for plain MBR, Eq. 9/10 and Eq. 13 on all prompts, and
+    (decode steps, generated tokens) of each side's samples."""
     common = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, add_special_tokens=False,
                   max_batch_rows=args.max_batch_rows, reuse_prompt_cache=reuse_prompt_cache)
     m, n = args.num_models, args.samples_per_model
@@ -76,16 +79,24 @@ def run_once(posterior: VariationalLoraPosterior, tokenizer: Any, prompts: list[
     times["mixture generate"], mixture = timed(lambda: sample_posterior_outputs(
         posterior, tokenizer, prompts, num_models=m, samples_per_model=n, token_mixture=True, **common))
     times["mixture utility"], _ = timed(lambda: [decide(s, method="token_mixture", utility=utility) for s in mixture])
-    return times
+    lengths = {
+        side: (max(int(s.num_tokens.max()) for s in outputs), sum(int(s.num_tokens.sum()) for s in outputs))
+        for side, outputs in (("plain", plain), ("UA", samples), ("mixture", mixture))
+    }
+    return times, lengths
 
 
-def summarize(runs: list[dict[str, dict[str, float]]], clock: str) -> dict[str, Any]:
+def summarize(
+    runs: list[dict[str, dict[str, float]]], clock: str, lengths: dict[str, tuple[int, int]]
+) -> dict[str, Any]:
     """Minimum over repeats (the least disturbed run) of every part, and the ratios of interest."""
     best = {key: min(r[key][clock] for r in runs) for key in runs[0]}
     plain = best["plain generate"] + best["plain utility"]
+    per_step = {side: best[f"{side} generate"] / lengths[side][0] for side in ("plain", "UA")}
     return {
         "seconds": best,
         "ratios": {
+            "UA / plain generation per decode step": per_step["UA"] / per_step["plain"],
             "UA (Eq. 10) / plain MBR": (best["UA generate"] + best["UA utility (Eq. 10)"]) / plain,
             "UA (Eq. 9) / plain MBR": (best["UA generate"] + best["UA utility (Eq. 9)"]) / plain,
             "Eq. 13 / plain MBR": (best["mixture generate"] + best["mixture utility"]) / plain,
@@ -122,19 +133,22 @@ def main() -> None:
         posterior, tokenizer = build_posterior(args.model, None, args.posterior_std, 8, load_in_4bit=not args.no_4bit)
     prompts = qa_prompts(tokenizer, [q for q, _ in load_questions("nq_open", args.prompts)])
     run_once(posterior, tokenizer, prompts[:1], args, True)  # warm-up
-    runs: dict[bool, list[dict[str, float]]] = {True: [], False: []}
+    runs: dict[bool, list[dict[str, dict[str, float]]]] = {True: [], False: []}
     for _ in range(args.repeats):
         for reuse in (True, False):
-            runs[reuse].append(run_once(posterior, tokenizer, prompts, args, reuse))
+            times, lengths = run_once(posterior, tokenizer, prompts, args, reuse)  # lengths: the same every run
+            runs[reuse].append(times)
 
     where = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device={where}  model={'tiny random' if args.tiny else args.model or 'SmolLM2-135M-Instruct'}  "
           f"4bit={not (args.no_4bit or args.tiny)}  prompts={len(prompts)}  M={args.num_models}  "
           f"N={args.samples_per_model}  max_new_tokens={args.max_new_tokens}  utility={args.utility}  "
           f"repeats={args.repeats} (minimum reported)")
-    report = {}
+    print("decode steps / generated tokens: " + ", ".join(f"{side} {steps} / {tokens}"
+                                                           for side, (steps, tokens) in lengths.items()))
+    report: dict[str, Any] = {"lengths": lengths}
     for reuse, label in ((True, "shared prompt cache"), (False, "prompt on every row")):
-        report[label] = {clock: summarize(runs[reuse], clock) for clock in ("cpu", "wall")}
+        report[label] = {clock: summarize(runs[reuse], clock, lengths) for clock in ("cpu", "wall")}
         print(f"\n[{label}]            CPU s    wall s")
         cpu, wall = report[label]["cpu"], report[label]["wall"]
         for key in cpu["seconds"]:
@@ -142,6 +156,7 @@ def main() -> None:
         for key in cpu["ratios"]:
             print(f"  {key:36s} {cpu['ratios'][key]:6.3f}  {wall['ratios'][key]:6.3f}")
     print("\n" + json.dumps(report))
+
 
 if __name__ == "__main__":
     main()
