@@ -135,20 +135,47 @@ def run_study(config: StudyConfig) -> dict[str, Any]:
     return summarize_study(config)
 
 
-def _load_runs(config: StudyConfig) -> dict[str, dict[str, list[dict[str, float]]]]:
-    """{task: {mode: [metrics per seed]}} from the finished runs."""
-    table: dict[str, dict[str, list[dict[str, float]]]] = {}
+def _load_runs(config: StudyConfig) -> dict[str, dict[str, dict[int | None, dict[str, float]]]]:
+    """{task: {mode: {seed: metrics}}} from the finished runs (seed None: the zero-shot reference)."""
+    table: dict[str, dict[str, dict[int | None, dict[str, float]]]] = {}
     for task in config.tasks:
-        paths = [Path(config.zero_shot_config(task).output_dir) / EVAL_RESULTS_FILE]
-        paths += [Path(config.run_config(task, s, o).output_dir) / EVAL_RESULTS_FILE
-                  for s in config.seeds for o in ("adamw", "ivon")]
-        for path in paths:
-            if not path.is_file():
+        paths: list[tuple[int | None, Path]] = [(None, Path(config.zero_shot_config(task).output_dir))]
+        paths += [(s, Path(config.run_config(task, s, o).output_dir)) for s in config.seeds for o in ("adamw", "ivon")]
+        for seed, folder in paths:
+            if not (folder / EVAL_RESULTS_FILE).is_file():
                 continue
-            for mode, metrics in json.loads(path.read_text())[task].items():
+            for mode, metrics in json.loads((folder / EVAL_RESULTS_FILE).read_text())[task].items():
                 if isinstance(metrics, dict):
-                    table.setdefault(task, {}).setdefault(mode, []).append(metrics)
+                    table.setdefault(task, {}).setdefault(mode, {})[seed] = metrics
     return table
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (ddof = 1; 0 for a single value)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
+def _row(per_seed: list[dict[str, float]]) -> dict[str, Any]:
+    stats = {m: _mean_std([r[m] for r in per_seed]) for m in METRICS}
+    return {
+        **{f"{m}_mean": mean for m, (mean, _) in stats.items()},
+        **{f"{m}_std": std for m, (_, std) in stats.items()},
+        "seeds": len(per_seed),
+        "n": int(per_seed[0]["n"]),
+    }
+
+
+def _paired_differences(modes: dict[str, dict[int | None, dict[str, float]]]) -> dict[str, Any]:
+    """``<ivon mode> - adamw``: per-seed differences (same seed, same questions), then mean ± std over seeds."""
+    adamw = modes.get("adamw", {})
+    rows = {}
+    for mode in sorted(m for m in modes if m.startswith("ivon")):
+        seeds = sorted(set(modes[mode]) & set(adamw))
+        if seeds:
+            rows[f"{mode} - adamw"] = _row([
+                {**{m: modes[mode][s][m] - adamw[s][m] for m in METRICS}, "n": modes[mode][s]["n"]} for s in seeds
+            ])
+    return rows
 
 
 def summarize_study(config: StudyConfig) -> dict[str, Any]:
@@ -156,15 +183,7 @@ def summarize_study(config: StudyConfig) -> dict[str, Any]:
     output = Path(config.output_dir)
     table = _load_runs(config)
     summary = {
-        task: {
-            mode: {
-                **{f"{m}_mean": float(np.mean([r[m] for r in runs])) for m in METRICS},
-                **{f"{m}_std": float(np.std([r[m] for r in runs])) for m in METRICS},
-                "seeds": len(runs),
-                "n": int(runs[0]["n"]),
-            }
-            for mode, runs in modes.items()
-        }
+        task: {**{mode: _row(list(runs.values())) for mode, runs in modes.items()}, **_paired_differences(modes)}
         for task, modes in table.items()
     }
     (output / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -176,18 +195,22 @@ def summarize_study(config: StudyConfig) -> dict[str, Any]:
 
 
 def results_markdown(summary: dict[str, Any]) -> str:
-    """Mean ± std over seeds per task and mode, with the IVON − AdamW difference of the averaged posterior."""
+    """Mean ± std over seeds per task and mode, then the paired IVON − AdamW differences (signed)."""
     lines = ["| task | method | seeds | ACC ↑ | ECE ↓ | NLL ↓ | Brier ↓ |", "|---|---|---|---|---|---|---|"]
     for task, modes in summary.items():
         for mode in sorted(modes, key=_mode_order):
-            row = modes[mode]
-            cells = [f"{row[f'{m}_mean']:.{1 if m in ('acc', 'ece') else 3}f} ± {row[f'{m}_std']:.{1 if m in ('acc', 'ece') else 3}f}" for m in METRICS]
+            row, sign = modes[mode], "+" if mode.endswith(" - adamw") else ""
+            cells = []
+            for m in METRICS:
+                digits = 1 if m in ("acc", "ece") else 3
+                cells.append(f"{row[f'{m}_mean']:{sign}.{digits}f} ± {row[f'{m}_std']:.{digits}f}")
             lines.append(f"| {task} | {mode} | {row['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _mode_order(mode: str) -> tuple[int, str]:
-    return ({"zero_shot": 0, "adamw": 1, "ivon_mean": 2}.get(mode, 3), mode)
+    """zero-shot, AdamW, IVON mean, IVON averages, then the differences."""
+    return ({"zero_shot": 0, "adamw": 1, "ivon_mean": 2}.get(mode, 4 if mode.endswith(" - adamw") else 3), mode)
 
 
 def _plot_bars(summary: dict[str, Any], path: Path) -> None:
@@ -197,7 +220,7 @@ def _plot_bars(summary: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(summary)
-    modes = sorted({m for t in summary.values() for m in t}, key=_mode_order)
+    modes = sorted({m for t in summary.values() for m in t if not m.endswith(" - adamw")}, key=_mode_order)
     figure, axes = plt.subplots(1, 2, figsize=(5 + 1.6 * len(tasks), 4.2))
     width = 0.8 / len(modes)
     for ax, metric, label in zip(axes, ("acc", "ece"), ("accuracy (%) ↑", "ECE (%) ↓")):

@@ -46,10 +46,16 @@ def test_grid_resume_and_summary(tmp_path, monkeypatch):
     accs = [50.0 + 21 % 7, 50.0 + 42 % 7]
     row = summary["arc_easy"]["ivon_avg_k3"]
     assert row["seeds"] == 2
-    assert row["acc_mean"] == pytest.approx(np.mean(accs) + 1) and row["acc_std"] == pytest.approx(np.std(accs))
+    assert row["acc_mean"] == pytest.approx(np.mean(accs) + 1)
+    assert row["acc_std"] == pytest.approx(abs(accs[0] - accs[1]) / np.sqrt(2))  # sample std (ddof = 1)
+    # Paired per seed: the fake IVON average scores acc + 1 and ece - 1 relative to AdamW on every seed.
+    difference = summary["arc_easy"]["ivon_avg_k3 - adamw"]
+    assert difference["acc_mean"] == pytest.approx(1.0) and difference["acc_std"] == pytest.approx(0.0)
+    assert difference["ece_mean"] == pytest.approx(-1.0) and difference["seeds"] == 2
     assert summary["winogrande_s"]["adamw"]["ece_mean"] == pytest.approx(10.0)
     table = (tmp_path / "results.md").read_text()
     assert "| arc_easy | adamw | 2 |" in table and "± " in table
+    assert "| arc_easy | ivon_avg_k3 - adamw | 2 | +1.0 ± 0.0 | -1.0 ± 0.0 |" in table
     assert (tmp_path / "ece_acc.png").is_file() and (tmp_path / "reliability_arc_easy.png").is_file()
 
     calls.clear()
