@@ -40,18 +40,25 @@ def _compare(argv: list[str]) -> None:
 
 def _evaluate(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="ivon-lora evaluate", description="Evaluate a saved variational adapter.")
-    parser.add_argument("adapter", help="Local folder or Hub repo id of the adapter (with adapter_variance.safetensors).")
+    parser.add_argument("adapter", help="Local folder or Hub repo id of the variational adapter.")
     parser.add_argument("--base_model", help="Base model (default: the adapter's base_model_name_or_path).")
     parser.add_argument("--task", required=True, help="Task name, e.g. arc_easy.")
-    parser.add_argument("-k", "--eval_samples", type=int, default=10, help="Posterior samples to average (0: mean only).")
+    parser.add_argument("-k", "--eval_samples", type=int, default=10,
+                        help="Posterior samples to average (0: mean only).")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="Scale the posterior variances (>1 widens, <1 narrows; VariationalLoraPosterior.temper).")
     parser.add_argument("--scoring_mode", default="auto", choices=["auto", "letter", "cloze"])
     parser.add_argument("--max_eval", type=int, default=None, help="Evaluate at most this many questions.")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--no_load_in_4bit", action="store_true", help="Load the base in full precision.")
     parser.add_argument("--data_source", default="auto", choices=["auto", "hub", "offline"])
-    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--seed", type=int, default=42, help="Seed of the posterior samples.")
+    parser.add_argument("--split_seed", type=int, default=1234,
+                        help="The training run's split seed (the recipe's default): the held-out questions it left.")
     parser.add_argument("--output_dir", default="outputs/evaluate")
     args = parser.parse_args(argv)
+    if not args.temperature > 0:
+        parser.error(f"--temperature must be > 0, got {args.temperature}")
 
     from peft import PeftConfig
 
@@ -66,7 +73,9 @@ def _evaluate(argv: list[str]) -> None:
     base_name = args.base_model or PeftConfig.from_pretrained(str(folder)).base_model_name_or_path
     base, tokenizer = load_base_model(base_name, load_in_4bit=not args.no_load_in_4bit)
     posterior = VariationalLoraPosterior.from_pretrained(base, folder)
-    _, dataset = load_task_splits(args.task, args.data_source, seed=args.seed, max_eval=args.max_eval)
+    if args.temperature != 1.0:
+        posterior = posterior.temper(args.temperature)
+    _, dataset = load_task_splits(args.task, args.data_source, seed=args.split_seed, max_eval=args.max_eval)
     scorer = MultipleChoiceScorer(tokenizer, args.task, mode=args.scoring_mode, model=base)
     predictions = evaluate_modes(
         posterior.model, scorer, dataset, posterior=posterior, eval_samples=args.eval_samples,

@@ -21,6 +21,7 @@ def test_help_and_usage_errors(capsys):
     assert main(["frobnicate"]) == EXIT_INVALID_INPUT
     assert main(["evaluate", "--help"]) == EXIT_OK
     assert main(["evaluate"]) == EXIT_INVALID_INPUT  # missing required arguments
+    assert main(["evaluate", "some/adapter", "--task", "arc_easy", "--temperature", "0"]) == EXIT_INVALID_INPUT
 
 
 def test_invalid_adapter_is_invalid_input(tmp_path):
