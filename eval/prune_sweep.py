@@ -2,10 +2,11 @@
 
 Trains one IVON adapter with the commonsense recipe (or loads one with --adapter), then prunes it by each criterion
 (snr = |m|/σ, variance, magnitude = |m|) at each sparsity and evaluates every pruned adapter on the same questions.
-Writes sweep.json, sweep.md and sweep.png to --output_dir. Finished points are reused from sweep.json; the unpruned
-point (0%) is the same adapter for every criterion and is evaluated once. The questions are those of the adapter's
-training run (its config.yaml gives task, split seed and base model), so a pruned adapter is never scored on
-questions it was trained on.
+Writes sweep.json, sweep.md (with the spread of σ and how far the SNR and magnitude masks overlap: with a
+nearly uniform σ they are the same criterion) and sweep.png to --output_dir. Finished points are reused from
+sweep.json; the unpruned point (0%) is the same adapter for every criterion and is evaluated once. The questions
+are those of the adapter's training run (its config.yaml gives task, split seed and base model), so a pruned
+adapter is never scored on questions it was trained on.
 
     python eval/prune_sweep.py --max_steps 40 --max_eval 100 --eval_samples 4
     python eval/prune_sweep.py --adapter outputs/commonsense/adapter --task arc_easy
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -30,6 +32,7 @@ from ivon_lora.evaluation.data import DEFAULT_SPLIT_SEED, load_task_splits  # no
 from ivon_lora.evaluation.scoring import MultipleChoiceScorer  # noqa: E402
 from ivon_lora.models import load_base_model  # noqa: E402
 from ivon_lora.posterior import VariationalLoraPosterior  # noqa: E402
+from ivon_lora.pruning import mask_agreement  # noqa: E402
 
 logger = logging.getLogger("prune_sweep")
 CRITERIA = ("snr", "variance", "magnitude")
@@ -89,7 +92,8 @@ def main() -> None:
             results_path.write_text(json.dumps(results, indent=2) + "\n")
             logger.info("%s %.0f%%: %s", criterion, 100 * sparsity,
                         {m: round(v["acc"], 1) for m, v in results[criterion][key].items()})
-    (args.output_dir / "sweep.md").write_text(markdown(results))
+    spread = posterior_spread(posterior, [s for s in args.sparsities if s > 0], args.scope)
+    (args.output_dir / "sweep.md").write_text(markdown(results) + "\n".join(["", *spread]) + "\n")
     plot(results, args.output_dir / "sweep.png", task)
 
 
@@ -97,6 +101,16 @@ def training_config(adapter: Path) -> dict[str, Any]:
     """The recipe's config.yaml next to the adapter folder, or {} for an adapter saved some other way."""
     path = adapter.parent / "config.yaml"
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def posterior_spread(posterior: VariationalLoraPosterior, sparsities: list[float], scope: str) -> list[str]:
+    """How much the posterior can tell SNR from magnitude: the spread of σ and the overlap of the two masks."""
+    std = torch.cat([s.flatten() for s in posterior.std().values()])
+    mean, variances = posterior.mean(), posterior.variance()
+    overlap = ", ".join(f"{s:.0%}: {mask_agreement(mean, variances, s, scope=scope):.1%}" for s in sparsities)
+    return [f"- posterior σ: min {std.min():.4f}, median {std.median():.4f}, max {std.max():.4f}, "
+            f"coefficient of variation {float(std.std() / std.mean()):.1%}",
+            f"- of the entries SNR prunes, magnitude prunes too: {overlap}"]
 
 
 def _modes(points: dict[str, dict]) -> list[str]:

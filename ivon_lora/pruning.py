@@ -49,6 +49,7 @@ __all__ = [
     "component_scores",
     "entry_scores",
     "lowest",
+    "mask_agreement",
     "prune",
     "prune_ranks",
     "pruning_masks",
@@ -110,6 +111,25 @@ def pruning_masks(
         chosen = lowest(together, round(amount * together.numel())).split([s.numel() for s in scores.values()])
         flat = {key: part.to(scores[key].device) for key, part in zip(scores, chosen)}
     return {key: flat[key].reshape(mean[key].shape) for key in mean}
+
+
+def mask_agreement(
+    mean: Mapping[str, Tensor],
+    variances: Mapping[str, Tensor],
+    amount: float,
+    criteria: tuple[str, str] = ("snr", "magnitude"),
+    scope: str = "tensor",
+) -> float:
+    """Fraction of the entries pruned by ``criteria[0]`` that ``criteria[1]`` prunes too (1.0: the same masks).
+
+    A diagnostic for whether the posterior adds anything: while σ is still (nearly) uniform, as after a short run
+    at β2 close to 1 where the Hessian stays at its initial value, SNR pruning is magnitude pruning.
+    """
+    first, second = (pruning_masks(mean, variances, amount, criterion, scope) for criterion in criteria)
+    pruned = sum(int(first[key].sum()) for key in first)
+    if pruned == 0:
+        return 1.0
+    return sum(int((first[key] & second[key]).sum()) for key in first) / pruned
 
 
 def component_scores(

@@ -16,7 +16,7 @@ from torch import nn
 from conftest import load_tiny_lora
 from ivon_lora import VariationalAdapterError, VariationalLoraPosterior
 from ivon_lora.inference import draw_samples
-from ivon_lora.pruning import PRUNED_VARIANCE, component_scores, pruning_masks, select_components
+from ivon_lora.pruning import PRUNED_VARIANCE, component_scores, mask_agreement, pruning_masks, select_components
 from ivon_lora.serialization import MEAN_FILE, VARIANCE_FILE, lora_parameters
 
 IDS = torch.tensor([[5, 9, 13, 40, 22, 7, 31, 8]])
@@ -118,6 +118,19 @@ def test_count_is_round_of_amount_and_ties_prune_earlier_entries_first():
     assert int(pruning_masks(mean, variance, 0.25)["w"].sum()) == 2  # Python's round: 2.5 -> 2
     assert int(pruning_masks(mean, variance, 0.35)["w"].sum()) == 4
     assert not pruning_masks(mean, variance, 0.0)["w"].any()
+
+
+def test_mask_agreement_of_snr_and_magnitude():
+    mean = {"w": torch.tensor([1.0, 2.0, 3.0, 4.0])}
+    uniform = {"w": torch.full((4,), 0.5)}
+    assert mask_agreement(mean, uniform, 0.5) == 1.0  # uniform σ: SNR ranks exactly as |m|
+    # σ² 1, 1, 100, 100 -> SNR 1, 2, 0.3, 0.4: SNR prunes entries 2, 3, magnitude prunes 0, 1
+    assert mask_agreement(mean, {"w": torch.tensor([1.0, 1.0, 100.0, 100.0])}, 0.5) == 0.0
+    # σ² 1, 16, 1, 1 -> SNR 1, 0.5, 3, 4: SNR prunes 0, 1 and magnitude prunes 0, 1; at 25% SNR 1 vs magnitude 0
+    varied = {"w": torch.tensor([1.0, 16.0, 1.0, 1.0])}
+    assert mask_agreement(mean, varied, 0.5) == 1.0
+    assert mask_agreement(mean, varied, 0.25) == 0.0
+    assert mask_agreement(mean, varied, 0.0) == 1.0  # nothing pruned: nothing to disagree on
 
 
 @pytest.mark.parametrize(
