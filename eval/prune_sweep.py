@@ -36,6 +36,7 @@ from ivon_lora.pruning import mask_agreement  # noqa: E402
 
 logger = logging.getLogger("prune_sweep")
 CRITERIA = ("snr", "variance", "magnitude")
+CRITERION_COLORS = {"snr": "C0", "variance": "C2", "magnitude": "C3"}
 
 
 def main() -> None:
@@ -151,7 +152,8 @@ def targets(results: dict[str, dict[str, dict]], modes: list[str]) -> list[str]:
 
 def plot(results: dict[str, dict[str, dict]], path: Path, task: str) -> None:
     figure, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for color, (criterion, points) in zip(("C0", "C2", "C3"), results.items()):  # one colour per criterion
+    for criterion, points in results.items():
+        color = CRITERION_COLORS[criterion]  # the same colour for a criterion in every sweep's plot
         xs = sorted(points, key=float)
         for mode, style in zip(_modes(points), ("-o", "--s")):  # solid: mean, dashed: K-sample average
             for ax, metric in zip(axes, ("acc", "ece", "nll")):
