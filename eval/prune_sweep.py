@@ -164,7 +164,7 @@ def plot(results: dict[str, dict[str, dict]], path: Path, task: str) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    figure.suptitle(f"Pruning the IVON posterior on {task}: SNR / variance vs magnitude")
+    figure.suptitle(f"Pruning the IVON posterior on {task}: " + " vs ".join(results))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
