@@ -109,7 +109,7 @@ def posterior_spread(posterior: VariationalLoraPosterior, sparsities: list[float
     std = torch.cat([s.flatten() for s in posterior.std().values()])
     mean, variances = posterior.mean(), posterior.variance()
     overlap = ", ".join(f"{s:.0%}: {mask_agreement(mean, variances, s, scope=scope):.1%}" for s in sparsities)
-    return [f"- posterior σ: min {std.min():.4f}, median {std.median():.4f}, max {std.max():.4f}, "
+    return [f"- posterior σ: min {std.min():.3g}, median {std.median():.3g}, max {std.max():.3g}, "
             f"coefficient of variation {float(std.std() / std.mean()):.1%}",
             f"- of the entries SNR prunes, magnitude prunes too: {overlap}"]
 

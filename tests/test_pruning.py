@@ -126,7 +126,7 @@ def test_mask_agreement_of_snr_and_magnitude():
     assert mask_agreement(mean, uniform, 0.5) == 1.0  # uniform σ: SNR ranks exactly as |m|
     # σ² 1, 1, 100, 100 -> SNR 1, 2, 0.3, 0.4: SNR prunes entries 2, 3, magnitude prunes 0, 1
     assert mask_agreement(mean, {"w": torch.tensor([1.0, 1.0, 100.0, 100.0])}, 0.5) == 0.0
-    # σ² 1, 16, 1, 1 -> SNR 1, 0.5, 3, 4: SNR prunes 0, 1 and magnitude prunes 0, 1; at 25% SNR 1 vs magnitude 0
+    # σ² 1, 16, 1, 1 -> SNR 1, 0.5, 3, 4: at 50% both prune entries 0, 1; at 25% SNR prunes 1, magnitude 0
     varied = {"w": torch.tensor([1.0, 16.0, 1.0, 1.0])}
     assert mask_agreement(mean, varied, 0.5) == 1.0
     assert mask_agreement(mean, varied, 0.25) == 0.0
