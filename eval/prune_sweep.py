@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -30,6 +29,7 @@ import yaml  # noqa: E402
 from ivon_lora.commonsense import CommonsenseConfig, evaluate_modes, run_commonsense  # noqa: E402
 from ivon_lora.evaluation.data import DEFAULT_SPLIT_SEED, load_task_splits  # noqa: E402
 from ivon_lora.evaluation.scoring import MultipleChoiceScorer  # noqa: E402
+from ivon_lora.model_card import summarize_posterior  # noqa: E402
 from ivon_lora.models import load_base_model  # noqa: E402
 from ivon_lora.posterior import VariationalLoraPosterior  # noqa: E402
 from ivon_lora.pruning import mask_agreement  # noqa: E402
@@ -93,7 +93,7 @@ def main() -> None:
             results_path.write_text(json.dumps(results, indent=2) + "\n")
             logger.info("%s %.0f%%: %s", criterion, 100 * sparsity,
                         {m: round(v["acc"], 1) for m, v in results[criterion][key].items()})
-    spread = posterior_spread(posterior, [s for s in args.sparsities if s > 0], args.scope)
+    spread = posterior_spread(adapter, posterior, [s for s in args.sparsities if s > 0], args.scope)
     (args.output_dir / "sweep.md").write_text(markdown(results) + "\n".join(["", *spread]) + "\n")
     plot(results, args.output_dir / "sweep.png", task)
 
@@ -104,13 +104,15 @@ def training_config(adapter: Path) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) if path.is_file() else {}
 
 
-def posterior_spread(posterior: VariationalLoraPosterior, sparsities: list[float], scope: str) -> list[str]:
+def posterior_spread(
+    adapter: Path, posterior: VariationalLoraPosterior, sparsities: list[float], scope: str
+) -> list[str]:
     """How much the posterior can tell SNR from magnitude: the spread of σ and the overlap of the two masks."""
-    std = torch.cat([s.flatten() for s in posterior.std().values()])
+    sigma = summarize_posterior(adapter)
     mean, variances = posterior.mean(), posterior.variance()
     overlap = ", ".join(f"{s:.0%}: {mask_agreement(mean, variances, s, scope=scope):.1%}" for s in sparsities)
-    return [f"- posterior σ: min {std.min():.3g}, median {std.median():.3g}, max {std.max():.3g}, "
-            f"coefficient of variation {float(std.std() / std.mean()):.1%}",
+    return [f"- posterior σ: min {sigma.min_sigma:.3g}, median {sigma.median_sigma:.3g}, max {sigma.max_sigma:.3g}, "
+            f"coefficient of variation {sigma.std_sigma / sigma.mean_sigma:.1%}",
             f"- of the entries SNR prunes, magnitude prunes too: {overlap}"]
 
 

@@ -80,6 +80,7 @@ class PosteriorSummary:
     parameters: int
     tensors: int
     mean_sigma: float
+    std_sigma: float
     median_sigma: float
     min_sigma: float
     max_sigma: float
@@ -152,6 +153,7 @@ def summarize_posterior(folder: str | Path) -> PosteriorSummary:
         parameters=int(all_sigma.size),
         tensors=len(sigmas),
         mean_sigma=float(all_sigma.mean()),
+        std_sigma=float(all_sigma.std()),
         median_sigma=float(np.median(all_sigma)),
         min_sigma=float(all_sigma.min()),
         max_sigma=float(all_sigma.max()),

@@ -127,6 +127,7 @@ def test_posterior_statistics_match_hand_computation(adapter: Path) -> None:
 
     assert summary.parameters == 13 and summary.tensors == 4
     assert summary.mean_sigma == pytest.approx(sum(flat) / 13)
+    assert summary.std_sigma == pytest.approx(statistics.pstdev(flat))
     assert summary.median_sigma == pytest.approx(statistics.median(flat))
     assert (summary.min_sigma, summary.max_sigma) == pytest.approx((0.01, 3.0))
     modules = {m.name: (m.tensors, m.parameters, m.mean_sigma) for m in summary.modules}
